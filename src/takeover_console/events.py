@@ -1,0 +1,130 @@
+"""Structured events written by the server, forwarder and client as JSON lines.
+
+Each line is one JSON object with the common fields ``ts`` (wall clock, UNIX seconds),
+``mono`` (CLOCK_MONOTONIC seconds, comparable across processes on one host), ``role``,
+``pid``, ``gen`` (generation) and ``kind``, plus the fields that the kind needs.
+docs/events.md is the schema; the console's model consumes this stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+# Lifecycle of every program.
+STARTED = "started"
+LISTENING = "listening"
+STOPPING = "stopping"
+EXITED = "exited"
+ERROR = "error"
+
+# The handoff channel between server and forwarder.
+CHANNEL_UP = "channel_up"
+CHANNEL_DOWN = "channel_down"
+PEER_REFUSED = "peer_refused"
+
+# One accepted connection, in the order a connection meets them.
+ACCEPTED = "accepted"
+OFFERED = "offered"
+TAKEN = "taken"
+REJECTED = "rejected"
+FALLBACK = "fallback"
+SERVED = "served"
+CLOSED = "closed"
+# The server closed its own copy of a connection that the forwarder took.
+RELEASED = "released"
+# The forwarder asked the server who serves an offer whose TAKEN may have been late.
+QUERIED = "queried"
+
+# The client's view of one request.
+ANSWERED = "answered"
+FAILED = "failed"
+SUMMARY = "summary"
+
+KINDS = frozenset(
+    {
+        STARTED, LISTENING, STOPPING, EXITED, ERROR,
+        CHANNEL_UP, CHANNEL_DOWN, PEER_REFUSED,
+        ACCEPTED, OFFERED, TAKEN, REJECTED, FALLBACK, SERVED, CLOSED, RELEASED, QUERIED,
+        ANSWERED, FAILED, SUMMARY,
+    }
+)
+
+
+class EventLog:
+    """A JSON-lines event writer bound to one process's role, pid and generation.
+
+    Lines are buffered and written whole, so a reader of a pipe never sees half a line.
+    With ``autoflush`` (the default) every event is flushed at once, which is what a live
+    console wants; a high-rate benchmark can turn it off and call ``flush`` itself.
+    """
+
+    def __init__(self, stream: IO[str] | None, role: str, generation: int = 1, autoflush: bool = True):
+        self._stream = stream
+        self.role = role
+        self.pid = os.getpid()
+        self.generation = generation
+        self._autoflush = autoflush
+        self._broken = False
+
+    @classmethod
+    def open(cls, target: str | None, role: str, generation: int = 1) -> "EventLog":
+        """Open an event log on a path, ``-`` for stdout, or nothing when target is None."""
+        if target is None:
+            return cls(None, role, generation)
+        if target == "-":
+            return cls(sys.stdout, role, generation)
+        stream = open(target, "a", encoding="utf-8", buffering=1 << 16)
+        return cls(stream, role, generation)
+
+    @property
+    def enabled(self) -> bool:
+        """True when events are written somewhere."""
+        return self._stream is not None and not self._broken
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Write one event of ``kind`` with the common fields and ``fields``."""
+        if self._stream is None or self._broken:
+            return
+        record = {
+            "ts": round(time.time(), 6),
+            "mono": round(time.monotonic(), 6),
+            "role": self.role,
+            "pid": self.pid,
+            "gen": self.generation,
+            "kind": kind,
+        }
+        record.update(fields)
+        try:
+            self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+            if self._autoflush:
+                self._stream.flush()
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            # The reader went away (console closed the pipe): keep serving, stop writing.
+            self._broken = True
+            log.warning("event stream closed (%s); further events are dropped", exc)
+
+    def flush(self) -> None:
+        """Flush buffered events."""
+        if self._stream is None or self._broken:
+            return
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            self._broken = True
+
+    def close(self) -> None:
+        """Flush and close the stream unless it is stdout."""
+        self.flush()
+        if self._stream is not None and self._stream is not sys.stdout:
+            try:
+                self._stream.close()
+            except OSError:
+                pass
+        self._stream = None

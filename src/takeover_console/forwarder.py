@@ -1,0 +1,443 @@
+"""The forwarder: receives accepted TCP connections over the handoff socket and serves them.
+
+One Unix socket takes both framings. A peer whose first bytes are the native magic gets a
+persistent channel (HELLO, then OFFER answered by TAKEN or REJECTED); a peer whose first
+bytes are ``forward`` is the reference demo's server, which sends one fd per connection
+and expects no reply. Every received fd is checked before use, and every fd of a
+rejected message is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from takeover_console import events as ev
+from takeover_console import ipc
+from takeover_console.channel import Channel
+from takeover_console.events import EventLog
+from takeover_console.handoff_link import uid_allowed
+from takeover_console.lifecycle import install_stop_signals
+from takeover_console.logs import RepeatLimiter, repeats_note
+from takeover_console.serving import serve_connection
+from takeover_console.socketfile import BoundSocket, bind_unix_listener
+
+log = logging.getLogger(__name__)
+
+# A peer must show which framing it speaks within this many seconds of connecting.
+DETECT_TIMEOUT = 2.0
+
+
+@dataclass
+class ForwarderConfig:
+    """Options of one forwarder process; times are in seconds."""
+
+    handoff_path: Path = Path("handoff.sock")
+    read_timeout: float = 5.0
+    drain_timeout: float = 5.0
+    max_connections: int = 1000
+    allowed_uids: frozenset[int] = field(default_factory=frozenset)
+
+
+class Forwarder:
+    """One forwarder process: the handoff listener, its peers and the connections it serves."""
+
+    def __init__(self, config: ForwarderConfig, events: EventLog):
+        self.config = config
+        self.events = events
+        self.bound: BoundSocket | None = None
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._serving: set[asyncio.Task] = set()
+        self._channels: set[Channel] = set()
+        self._peers: set[_PeerDetector] = set()
+        self._awaiting_verdict: dict[str, tuple[socket.socket, int]] = {}
+        self._errors = RepeatLimiter()
+
+    @property
+    def serving_count(self) -> int:
+        """Connections taken and not yet closed."""
+        return len(self._serving) + len(self._awaiting_verdict)
+
+    async def run(self) -> int:
+        """Serve until a stop signal, then drain; return the exit status."""
+        self.bound = bind_unix_listener(self.config.handoff_path)
+        self.bound.sock.setblocking(False)
+        fd = self.bound.sock.fileno()
+        self.events.emit(ev.LISTENING, path=str(self.bound.path), fd=fd, inode=ipc.socket_inode(fd))
+        log.info("listening for handoffs on %s", self.bound.path)
+        install_stop_signals(self._stop)
+        self._loop.add_reader(fd, self._on_acceptable)
+        try:
+            await self._stop.wait()
+            await self._shutdown()
+        finally:
+            if self.bound.remove_file():
+                log.info("removed socket file %s", self.bound.path)
+        return 0
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop, as SIGTERM does."""
+        self._stop.set()
+
+    # Accepting peers and telling the framings apart.
+
+    def _on_acceptable(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self.bound.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._report_error(f"accept() on handoff socket failed: {exc.strerror}")
+                return
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        creds = ipc.peer_credentials(sock)
+        if not uid_allowed(creds.uid, self.config.allowed_uids):
+            reason = f"uid {creds.uid} is not allowed"
+            suppressed = self._errors.check(f"refused {creds.uid}")
+            if suppressed is not None:
+                log.warning("refusing peer pid %d on %s: %s%s", creds.pid, self.bound.path, reason, repeats_note(suppressed))
+            self.events.emit(ev.PEER_REFUSED, peer_pid=creds.pid, peer_uid=creds.uid, path=str(self.bound.path), reason=reason)
+            try:
+                sock.send(ipc.encode_frame(ipc.BYE, {"reason": f"refused: {reason}"}))
+            except OSError:
+                pass
+            sock.close()
+            return
+        self._peers.add(_PeerDetector(self, sock, creds))
+
+    def _start_native(self, sock: socket.socket, creds: ipc.PeerCredentials, received: list[ipc.ReceivedMessage]) -> None:
+        session = _NativeSession(self, creds)
+        channel = Channel(sock, session.on_frame, session.on_close, f"channel from server pid {creds.pid}")
+        session.channel = channel
+        self._channels.add(channel)
+        channel.start(received)
+
+    def _handle_seed(self, data: bytes, fds: list[int], truncated: bool, creds: ipc.PeerCredentials) -> None:
+        conn_id = f"seed:{creds.pid}:{time.monotonic_ns()}"
+        if truncated or len(fds) != 1 or data != ipc.SEED_MESSAGE:
+            ipc.close_all(fds)
+            reason = f"seed message must be {ipc.SEED_MESSAGE!r} with one fd, got {data[:32]!r} with {len(fds)} fds"
+            self._report_error(f"rejected message from pid {creds.pid}: {reason}")
+            self.events.emit(ev.REJECTED, conn=conn_id, reason=reason, protocol="seed", from_pid=creds.pid)
+            return
+        if self._stopping:
+            ipc.close_all(fds)
+            self.events.emit(ev.REJECTED, conn=conn_id, reason="forwarder stopping", protocol="seed", from_pid=creds.pid)
+            return
+        try:
+            sock = ipc.adopt_tcp_connection(fds[0])
+        except ipc.InvalidFd as exc:
+            self._report_error(f"rejected fd from pid {creds.pid}: {exc}")
+            self.events.emit(ev.REJECTED, conn=conn_id, reason=str(exc), protocol="seed", from_pid=creds.pid)
+            return
+        self._take(sock, conn_id, creds.pid, peer_fd=None, protocol="seed")
+
+    # Taking and serving connections.
+
+    def check_offer(self, deadline_ns: int | None) -> str | None:
+        """Return why a new offer must be rejected now, or None to take it."""
+        if self._stopping:
+            return "forwarder stopping"
+        if self.serving_count >= self.config.max_connections:
+            return f"at capacity ({self.config.max_connections} connections)"
+        if deadline_ns is not None and time.monotonic_ns() >= deadline_ns:
+            return "offer expired before it was read"
+        return None
+
+    def _take(self, sock: socket.socket, conn_id: str, from_pid: int, peer_fd: int | None, protocol: str) -> None:
+        fd = sock.fileno()
+        self.events.emit(
+            ev.TAKEN,
+            conn=conn_id,
+            fd=fd,
+            inode=ipc.socket_inode(fd),
+            peer=ipc.format_address(sock.getpeername()),
+            from_pid=from_pid,
+            peer_fd=peer_fd,
+            protocol=protocol,
+        )
+        self.serve(sock, conn_id)
+
+    def serve(self, sock: socket.socket, conn_id: str) -> None:
+        """Serve a connection this forwarder owns."""
+        task = self._loop.create_task(self._serve(sock, conn_id, time.monotonic_ns()))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, sock: socket.socket, conn_id: str, taken_ns: int) -> None:
+        fd = sock.fileno()
+        result = await serve_connection(sock, ipc.REPLY_BY_FORWARDER, self.config.read_timeout)
+        if result.served:
+            latency_ms = (time.monotonic_ns() - taken_ns) / 1e6
+            self.events.emit(ev.SERVED, conn=conn_id, fd=fd, bytes_in=result.bytes_in, latency_ms=round(latency_ms, 3))
+        self.events.emit(ev.CLOSED, conn=conn_id, fd=fd, outcome=result.outcome)
+
+    def park_for_verdict(self, conn_id: str, sock: socket.socket, from_pid: int) -> None:
+        """Hold a connection whose TAKEN may have been late until the server's VERDICT."""
+        self._awaiting_verdict[conn_id] = (sock, from_pid)
+
+    def settle_verdict(self, conn_id: str, owner: str | None) -> None:
+        """Serve or drop a parked connection: owner "server" means the server serves it."""
+        parked = self._awaiting_verdict.pop(conn_id, None)
+        if parked is None:
+            return
+        sock, _ = parked
+        if owner == "server":
+            fd = sock.fileno()
+            sock.close()
+            self.events.emit(ev.CLOSED, conn=conn_id, fd=fd, outcome="server serves it (late TAKEN)")
+        else:
+            self.serve(sock, conn_id)
+
+    def settle_all_verdicts(self, from_pid: int) -> None:
+        """The server of these offers is gone, so nobody else can serve them: serve them here."""
+        for conn_id, (_, pid) in list(self._awaiting_verdict.items()):
+            if pid == from_pid:
+                self.settle_verdict(conn_id, "forwarder")
+
+    def _report_error(self, message: str) -> None:
+        suppressed = self._errors.check(message)
+        if suppressed is not None:
+            log.warning("%s%s", message, repeats_note(suppressed))
+        self.events.emit(ev.ERROR, message=message)
+
+    def forget(self, item) -> None:
+        """Drop a peer detector or channel that has finished."""
+        self._peers.discard(item)
+        self._channels.discard(item)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self.events.emit(ev.STOPPING, in_flight=self.serving_count)
+        log.info("stopping: refusing new handoffs; draining %d connections", self.serving_count)
+        self._loop.remove_reader(self.bound.sock.fileno())
+        self.bound.sock.close()
+        if self.bound.remove_file():
+            log.info("removed socket file %s", self.bound.path)
+        for peer in list(self._peers):
+            peer.close()
+        for channel in list(self._channels):
+            # Offers still unread are closed with the channel; the server serves them.
+            channel.poll()
+            channel.send(ipc.BYE, {"reason": "forwarder stopping"})
+            channel.close("forwarder stopping")
+        for conn_id in list(self._awaiting_verdict):
+            self.settle_verdict(conn_id, "forwarder")
+        if self._serving:
+            await asyncio.wait(set(self._serving), timeout=self.config.drain_timeout)
+        cut = [task for task in self._serving if not task.done()]
+        for task in cut:
+            task.cancel()
+        if cut:
+            log.warning("drain timeout of %g s reached: cut off %d connections", self.config.drain_timeout, len(cut))
+            await asyncio.gather(*cut, return_exceptions=True)
+
+
+class _PeerDetector:
+    """Reads a new peer's first bytes to tell the native framing from the seed framing."""
+
+    def __init__(self, forwarder: Forwarder, sock: socket.socket, creds: ipc.PeerCredentials):
+        self.forwarder = forwarder
+        self.sock = sock
+        self.creds = creds
+        self.received: list[ipc.ReceivedMessage] = []
+        self.data = b""
+        self.done = False
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self._timer = self._loop.call_later(DETECT_TIMEOUT, self._on_timeout)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            message = ipc.receive_message(self.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(f"receive failed: {exc.strerror}")
+            return
+        if not message.data:
+            ipc.close_all(message.fds)
+            self._finish_seed_or_close()
+            return
+        self.received.append(message)
+        self.data += message.data
+        prefix = self.data[: len(ipc.MAGIC)]
+        if ipc.MAGIC.startswith(prefix):
+            if len(prefix) == len(ipc.MAGIC):
+                self._detach()
+                self.forwarder._start_native(self.sock, self.creds, self.received)
+            return
+        if ipc.SEED_MESSAGE.startswith(self.data[: len(ipc.SEED_MESSAGE)]):
+            if len(self.data) >= len(ipc.SEED_MESSAGE):
+                self._finish_seed_or_close()
+            return
+        self._fail(f"unknown framing: first bytes {self.data[:16]!r}")
+
+    def _finish_seed_or_close(self) -> None:
+        if not self.data:
+            self.close()
+            return
+        if ipc.MAGIC.startswith(self.data[: len(ipc.MAGIC)]):
+            self._fail("peer closed inside a native header")
+            return
+        fds = [fd for message in self.received for fd in message.fds]
+        truncated = any(message.truncated for message in self.received)
+        self.received = []
+        self._detach()
+        self.sock.close()
+        self.forwarder._handle_seed(self.data[: ipc.SEED_MAX_DATA], fds, truncated, self.creds)
+
+    def _on_timeout(self) -> None:
+        self._fail(f"no recognisable message within {DETECT_TIMEOUT:g} s")
+
+    def _fail(self, reason: str) -> None:
+        self.forwarder._report_error(f"closing handoff peer pid {self.creds.pid}: {reason}")
+        self.close()
+
+    def _detach(self) -> None:
+        if not self.done:
+            self.done = True
+            self._timer.cancel()
+            self._loop.remove_reader(self.sock.fileno())
+            self.forwarder.forget(self)
+
+    def close(self) -> None:
+        """Close the peer and every fd it sent."""
+        for message in self.received:
+            ipc.close_all(message.fds)
+        self.received = []
+        if not self.done:
+            self._detach()
+            self.sock.close()
+
+
+class _NativeSession:
+    """The forwarder's end of one native channel: HELLO first, then offers."""
+
+    def __init__(self, forwarder: Forwarder, creds: ipc.PeerCredentials):
+        self.forwarder = forwarder
+        self.creds = creds
+        self.channel: Channel | None = None
+        self.greeted = False
+        self.peer_gen = None
+
+    def on_frame(self, frame: ipc.Frame) -> None:
+        fw = self.forwarder
+        if frame.error is not None:
+            self._reject_invalid(frame)
+            return
+        if frame.type == ipc.HELLO:
+            self._on_hello(frame.payload)
+        elif not self.greeted:
+            frame.close_fds()
+            self._close_with_bye(f"{frame.name} before HELLO")
+        elif frame.type == ipc.OFFER:
+            self._on_offer(frame)
+        elif frame.type == ipc.VERDICT:
+            fw.settle_verdict(str(frame.payload.get("id")), frame.payload.get("owner"))
+        elif frame.type == ipc.PING:
+            self.channel.send(ipc.PONG, {"sent_ns": frame.payload.get("sent_ns")})
+        elif frame.type == ipc.BYE:
+            log.info("server pid %d closes the channel: %s", self.creds.pid, frame.payload.get("reason", "no reason given"))
+        else:
+            frame.close_fds()
+            fw._report_error(f"unexpected {frame.name} frame from server pid {self.creds.pid}; ignored")
+
+    def _on_hello(self, payload: dict) -> None:
+        if payload.get("role") != "server":
+            self._close_with_bye(f"peer introduced itself as {payload.get('role')!r}, expected 'server'")
+            return
+        self.greeted = True
+        self.peer_gen = payload.get("gen")
+        fw = self.forwarder
+        self.channel.send(ipc.HELLO, {"version": ipc.PROTOCOL_VERSION, "role": "forwarder", "pid": fw.events.pid, "gen": fw.events.generation})
+        fw.events.emit(
+            ev.CHANNEL_UP,
+            peer_pid=self.creds.pid,
+            peer_role="server",
+            peer_gen=self.peer_gen,
+            fd=self.channel.fd,
+            inode=self.channel.inode,
+            path=str(fw.bound.path),
+        )
+        log.info("channel up from server pid %d (generation %s)", self.creds.pid, self.peer_gen)
+
+    def _on_offer(self, frame: ipc.Frame) -> None:
+        fw = self.forwarder
+        conn_id = str(frame.payload.get("id", ""))
+        deadline = frame.payload.get("deadline_ns")
+        peer_fd = frame.payload.get("fd")
+        if not conn_id or not isinstance(deadline, int):
+            frame.close_fds()
+            self._reject(conn_id or "?", "OFFER needs a string id and an integer deadline_ns")
+            return
+        reason = fw.check_offer(deadline)
+        if reason is not None:
+            frame.close_fds()
+            self._reject(conn_id, reason)
+            return
+        try:
+            sock = ipc.adopt_tcp_connection(frame.fds[0])
+        except ipc.InvalidFd as exc:
+            self._reject(conn_id, str(exc))
+            return
+        fd = sock.fileno()
+        self.channel.send(ipc.TAKEN, {"id": conn_id, "fd": fd})
+        late = time.monotonic_ns() >= deadline
+        fw.events.emit(
+            ev.TAKEN,
+            conn=conn_id,
+            fd=fd,
+            inode=ipc.socket_inode(fd),
+            peer=frame.payload.get("peer"),
+            from_pid=self.creds.pid,
+            peer_fd=peer_fd,
+            protocol="native",
+        )
+        if late:
+            # TAKEN may have reached the server after it gave up: ask before serving.
+            log.warning("TAKEN for %s was sent after its deadline; asking the server who serves it", conn_id)
+            fw.park_for_verdict(conn_id, sock, self.creds.pid)
+            self.channel.send(ipc.QUERY, {"id": conn_id})
+            fw.events.emit(ev.QUERIED, conn=conn_id, fd=fd)
+            return
+        fw.serve(sock, conn_id)
+
+    def _reject(self, conn_id: str, reason: str) -> None:
+        fw = self.forwarder
+        fw.events.emit(ev.REJECTED, conn=conn_id, reason=reason, from_pid=self.creds.pid)
+        suppressed = fw._errors.check(f"reject {reason}")
+        if suppressed is not None:
+            log.warning("rejected offer %s from server pid %d: %s%s", conn_id, self.creds.pid, reason, repeats_note(suppressed))
+        self.channel.send(ipc.REJECTED, {"id": conn_id, "reason": reason})
+
+    def _reject_invalid(self, frame: ipc.Frame) -> None:
+        conn_id = frame.payload.get("id") if frame.type == ipc.OFFER else None
+        if conn_id is not None and self.greeted:
+            self._reject(str(conn_id), frame.error)
+        else:
+            self.forwarder._report_error(f"invalid {frame.name} frame from pid {self.creds.pid}: {frame.error}")
+
+    def _close_with_bye(self, reason: str) -> None:
+        self.forwarder._report_error(f"closing channel from pid {self.creds.pid}: {reason}")
+        self.channel.send(ipc.BYE, {"reason": reason})
+        self.channel.close(reason)
+
+    def on_close(self, reason: str) -> None:
+        fw = self.forwarder
+        if self.channel is not None:
+            fw.forget(self.channel)
+        fw.settle_all_verdicts(self.creds.pid)
+        if self.greeted:
+            fw.events.emit(ev.CHANNEL_DOWN, peer_pid=self.creds.pid, reason=reason)
+            log.info("channel from server pid %d down: %s", self.creds.pid, reason)
