@@ -55,6 +55,7 @@ def _positive_int(text: str) -> int:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", metavar="PATH", help="write structured events as JSON lines to PATH, or - for stdout (default: none)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
+    parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits (used by the console for its workers)")
 
 
 def _add_process(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +69,6 @@ def _add_process(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--drain-timeout", type=_non_negative_float, default=5.0, help="seconds to finish in-flight connections on SIGTERM (default: 5)")
     parser.add_argument("--read-timeout", type=_positive_float, default=5.0, help="seconds to wait for a client's request before closing (default: 5)")
-    parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits (used by the console for its workers)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--headless", action="store_true", help="print to the terminal instead of opening the console")
     demo.add_argument("--duration", type=_positive_float, default=6.0, help="seconds to run (default: 6)")
     demo.add_argument("--rate", type=_positive_float, default=50.0, metavar="PER_S", help="client connections per second (default: 50)")
+    demo.add_argument("--record", metavar="FILE", help="write every observation to FILE as JSON lines, for replay")
     _add_common(demo)
     return parser
 

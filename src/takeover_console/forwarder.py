@@ -66,12 +66,13 @@ class Forwarder:
 
     async def run(self) -> int:
         """Serve until a stop signal, then drain; return the exit status."""
+        # Before "listening" is announced, so a supervisor's SIGTERM always finds a handler.
+        install_stop_signals(self._stop)
         self.bound = bind_unix_listener(self.config.handoff_path)
         self.bound.sock.setblocking(False)
         fd = self.bound.sock.fileno()
         self.events.emit(ev.LISTENING, path=str(self.bound.path), fd=fd, inode=ipc.socket_inode(fd))
         log.info("listening for handoffs on %s", self.bound.path)
-        install_stop_signals(self._stop)
         self._loop.add_reader(fd, self._on_acceptable)
         try:
             await self._stop.wait()

@@ -82,6 +82,8 @@ class Server:
 
     async def run(self) -> int:
         """Serve until a stop signal, then drain; return the exit status."""
+        # Before "listening" is announced, so a supervisor's SIGTERM always finds a handler.
+        install_stop_signals(self._stop)
         self.listener = open_tcp_listener(self.config.host, self.config.port, self.config.backlog)
         self.local_address = format_address(self.listener.getsockname())
         self.events.emit(
@@ -93,7 +95,6 @@ class Server:
             handoff=str(self.config.handoff_path),
         )
         log.info("listening on %s, handing off to %s (%s protocol)", self.local_address, self.config.handoff_path, self.config.protocol)
-        install_stop_signals(self._stop)
         self._loop.add_reader(self.listener.fileno(), self._on_acceptable)
         link_task = asyncio.create_task(self.link.run(), name="handoff-link")
         await self._stop.wait()

@@ -26,7 +26,10 @@ async def serve_connection(sock: socket.socket, reply: bytes, read_timeout: floa
     """Read one request of up to REQUEST_MAX bytes, write ``reply`` and close the socket.
 
     A client that sends nothing within ``read_timeout`` seconds, closes first or resets
-    the connection gets no reply; the result says which. The socket is always closed.
+    the connection gets no reply; the result says which. The socket is always shut down
+    and closed: the caller owns the connection, and another process may still hold a copy
+    of the fd (an offer that timed out is still in flight to a stopped forwarder), in which
+    case close() alone would send no FIN and the client would wait for EOF.
     """
     loop = asyncio.get_running_loop()
     try:
@@ -48,4 +51,8 @@ async def serve_connection(sock: socket.socket, reply: bytes, read_timeout: floa
             return ServeResult(f"write failed: {exc.strerror or exc}", len(request))
         return ServeResult("served", len(request))
     finally:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         sock.close()
