@@ -18,6 +18,7 @@ from typing import Callable
 from takeover_console import events as ev
 from takeover_console.events import EventLog
 from takeover_console.ipc import REPLY_BY_FORWARDER, REPLY_BY_SERVER
+from takeover_console.stats import percentile
 
 REPLY_LIMIT = 4096
 ANSWERED_BY = {REPLY_BY_SERVER: "server", REPLY_BY_FORWARDER: "forwarder"}
@@ -80,19 +81,15 @@ class Summary:
             "answered_by_forwarder": self.by_forwarder,
             "failed": self.failed,
             "errors": dict(sorted(self.errors.items())),
-            "latency_ms": {"p50": percentile(self.latencies_ms, 50), "p99": percentile(self.latencies_ms, 99)},
+            "latency_ms": {"p50": _rounded_percentile(self.latencies_ms, 50), "p99": _rounded_percentile(self.latencies_ms, 99)},
             "elapsed_s": round(self.elapsed_s, 3),
             "connections_per_s": round(self.sent / self.elapsed_s, 1) if self.elapsed_s > 0 else None,
         }
 
 
-def percentile(values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile, rounded to microseconds; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), -(-len(ordered) * pct // 100)))
-    return round(ordered[int(rank) - 1], 3)
+def _rounded_percentile(values: list[float], pct: float) -> float | None:
+    value = percentile(values, pct)
+    return None if value is None else round(value, 3)
 
 
 def classify_reply(reply: bytes) -> tuple[str | None, str | None]:

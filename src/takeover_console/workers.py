@@ -1,0 +1,252 @@
+"""The supervisor of managed workers: the server, forwarder and client as real OS processes.
+
+Each worker runs ``python -m takeover_console ROLE ... --events - --exit-with-parent`` with
+stdin from /dev/null, its events on a stdout pipe and its log on a stderr pipe; neither
+reaches the terminal. Lines are read on the asyncio loop and reported through callbacks,
+so the caller is never blocked.
+
+Workers never outlive the supervisor: ``close()`` stops them (SIGTERM, then SIGKILL), an
+atexit hook kills any left when the interpreter exits, and ``--exit-with-parent`` makes
+each worker set PR_SET_PDEATHSIG, so even a SIGKILLed console takes its workers along.
+A worker that exits on its own is reported with its status and is never restarted unless
+the caller asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 3.0
+LOG_LINES_KEPT = 200
+# A line longer than this on a worker's stdout is not an event; it is dropped.
+MAX_EVENT_LINE = 1 << 20
+
+# The event after which a worker counts as running: servers once they listen.
+READY_KIND = {"server": "listening", "forwarder": "listening", "client": "started"}
+
+_live_pids: set[int] = set()
+
+
+def _kill_leftovers() -> None:
+    for pid in list(_live_pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+atexit.register(_kill_leftovers)
+
+
+class WorkerState(enum.Enum):
+    """Where a worker is in its life."""
+
+    IDLE = "idle"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+@dataclass
+class Worker:
+    """One managed program and its current process, if any."""
+
+    name: str
+    role: str
+    args: list[str]
+    generation: int = 1
+    state: WorkerState = WorkerState.IDLE
+    pid: int | None = None
+    returncode: int | None = None
+    started_mono: float | None = None
+    log_lines: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES_KEPT))
+    process: asyncio.subprocess.Process | None = None
+    _readers: list[asyncio.Task] = field(default_factory=list)
+    _stop_requested: str | None = None
+
+    @property
+    def exit_description(self) -> str:
+        """"exit code N", "killed by SIGKILL" or "running"."""
+        if self.returncode is None:
+            return "running"
+        if self.returncode < 0:
+            return f"killed by {signal.Signals(-self.returncode).name}"
+        return f"exit code {self.returncode}"
+
+    def command(self) -> list[str]:
+        """The argv that starts this worker."""
+        extra = ["--exit-with-parent", "--events", "-"]
+        if self.role != "client":
+            extra += ["--generation", str(self.generation)]
+        return [sys.executable, "-m", "takeover_console", self.role, *self.args, *extra]
+
+
+# Callbacks: an event line from a worker, and a change of a worker's state.
+EventCallback = Callable[[Worker, dict], None]
+StateCallback = Callable[[Worker, str], None]
+
+
+class Supervisor:
+    """Starts, stops, kills and restarts named workers and reports their events."""
+
+    def __init__(self, on_event: EventCallback, on_state: StateCallback | None = None, env: dict[str, str] | None = None):
+        self.workers: dict[str, Worker] = {}
+        self._on_event = on_event
+        self._on_state = on_state or (lambda worker, detail: None)
+        self._env = env
+        self._closed = False
+
+    def add(self, name: str, role: str, args: list[str], generation: int = 1) -> Worker:
+        """Register a worker without starting it."""
+        worker = Worker(name=name, role=role, args=list(args), generation=generation)
+        self.workers[name] = worker
+        return worker
+
+    def pids(self) -> dict[int, str]:
+        """The pids of running workers, with their names."""
+        return {w.pid: w.name for w in self.workers.values() if w.pid is not None and w.state in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.STOPPING)}
+
+    async def start(self, name: str) -> Worker:
+        """Start a worker that is not running; a running one is left as it is."""
+        if self._closed:
+            raise RuntimeError("supervisor is closed")
+        worker = self.workers[name]
+        if worker.state in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.STOPPING):
+            return worker
+        env = dict(os.environ if self._env is None else self._env)
+        env["PYTHONUNBUFFERED"] = "1"
+        worker.process = await asyncio.create_subprocess_exec(
+            *worker.command(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            limit=MAX_EVENT_LINE,
+        )
+        worker.pid = worker.process.pid
+        _live_pids.add(worker.pid)
+        worker.returncode = None
+        worker._stop_requested = None
+        worker.started_mono = time.monotonic()
+        worker.state = WorkerState.STARTING
+        self._on_state(worker, "started")
+        log.info("started %s (%s) as pid %d", worker.name, worker.role, worker.pid)
+        worker._readers = [
+            asyncio.create_task(self._read_events(worker, worker.process), name=f"{name}-events"),
+            asyncio.create_task(self._read_log(worker, worker.process), name=f"{name}-log"),
+        ]
+        asyncio.create_task(self._watch_exit(worker, worker.process), name=f"{name}-exit")
+        return worker
+
+    async def _read_events(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
+        bad_lines = 0
+        while True:
+            try:
+                line = await process.stdout.readline()
+            except ValueError:
+                bad_lines += 1
+                continue
+            if not line:
+                break
+            try:
+                event = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                bad_lines += 1
+                if bad_lines == 1:
+                    log.warning("%s wrote a line that is not JSON: %r", worker.name, line[:120])
+                continue
+            if not isinstance(event, dict):
+                continue
+            if worker.state is WorkerState.STARTING and event.get("kind") == READY_KIND.get(worker.role, "started"):
+                worker.state = WorkerState.RUNNING
+                self._on_state(worker, "running")
+            self._on_event(worker, event)
+        if bad_lines > 1:
+            log.warning("%s wrote %d lines that are not JSON", worker.name, bad_lines)
+
+    async def _read_log(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
+        while True:
+            try:
+                line = await process.stderr.readline()
+            except ValueError:
+                continue
+            if not line:
+                return
+            worker.log_lines.append(line.decode("utf-8", "replace").rstrip())
+
+    async def _watch_exit(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        _live_pids.discard(process.pid)
+        await asyncio.gather(*worker._readers, return_exceptions=True)
+        if worker.process is not process:
+            return
+        worker.returncode = code
+        worker.state = WorkerState.EXITED
+        how = worker._stop_requested or "exited on its own"
+        log.info("%s pid %d: %s (%s)", worker.name, process.pid, worker.exit_description, how)
+        self._on_state(worker, f"exited: {worker.exit_description} ({how})")
+
+    def kill(self, name: str) -> bool:
+        """SIGKILL a worker at once; return False when it was not running."""
+        worker = self.workers[name]
+        if worker.process is None or worker.process.returncode is not None:
+            return False
+        worker._stop_requested = "killed with SIGKILL"
+        worker.process.send_signal(signal.SIGKILL)
+        return True
+
+    async def stop(self, name: str, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM a worker, SIGKILL it after ``timeout`` seconds; return its exit status."""
+        worker = self.workers[name]
+        process = worker.process
+        if process is None or process.returncode is not None:
+            return worker.returncode
+        worker._stop_requested = "stopped with SIGTERM"
+        worker.state = WorkerState.STOPPING
+        self._on_state(worker, "stopping")
+        process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                await process.wait()
+        except TimeoutError:
+            log.warning("%s pid %d did not exit within %g s of SIGTERM; sending SIGKILL", name, process.pid, timeout)
+            worker._stop_requested = f"SIGKILL after {timeout:g} s without exiting"
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+        return process.returncode
+
+    async def wait_exited(self, name: str) -> int | None:
+        """Wait until a worker's process has exited and its output is read."""
+        worker = self.workers[name]
+        if worker.process is None:
+            return None
+        await worker.process.wait()
+        await asyncio.gather(*worker._readers, return_exceptions=True)
+        return worker.process.returncode
+
+    async def restart(self, name: str) -> Worker:
+        """Stop a worker if it runs, then start it again."""
+        await self.stop(name)
+        return await self.start(name)
+
+    async def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL after ``timeout``) and wait for all."""
+        self._closed = True
+        await asyncio.gather(*(self.stop(name, timeout) for name in self.workers), return_exceptions=True)
+        for worker in self.workers.values():
+            if worker.process is not None:
+                await asyncio.gather(*worker._readers, return_exceptions=True)

@@ -1,0 +1,179 @@
+"""The supervisor with real worker processes: start, kill, restart, crash, no leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from takeover_console.workers import Supervisor, WorkerState
+
+
+def pid_exists(pid: int) -> bool:
+    """True while a process with this pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    """Wait until ``pid`` exits: a pidfd becomes readable then, even for another's child."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(pidfd)
+
+
+class Recorder:
+    """Collects events and state changes, and lets a test await a condition on them."""
+
+    def __init__(self):
+        self.events: list[tuple[str, dict]] = []
+        self.states: list[tuple[str, str]] = []
+        self.changed = asyncio.Event()
+
+    def on_event(self, worker, event):
+        self.events.append((worker.name, event))
+        self.changed.set()
+
+    def on_state(self, worker, detail):
+        self.states.append((worker.name, detail))
+        self.changed.set()
+
+    async def wait_for(self, predicate, timeout: float = 10.0):
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_start_kill_restart(workdir):
+    async def scenario():
+        seen = Recorder()
+        supervisor = Supervisor(seen.on_event, seen.on_state)
+        supervisor.add("forwarder", "forwarder", ["--handoff", str(workdir / "h.sock")])
+        try:
+            first = (await supervisor.start("forwarder")).pid
+            await seen.wait_for(lambda: supervisor.workers["forwarder"].state is WorkerState.RUNNING)
+            assert supervisor.kill("forwarder")
+            await seen.wait_for(lambda: supervisor.workers["forwarder"].state is WorkerState.EXITED)
+            assert supervisor.workers["forwarder"].exit_description == "killed by SIGKILL"
+            second = (await supervisor.restart("forwarder")).pid
+            await seen.wait_for(lambda: supervisor.workers["forwarder"].state is WorkerState.RUNNING)
+            return first, second, seen
+        finally:
+            await supervisor.close()
+
+    first, second, seen = run(scenario())
+    assert first != second
+    assert not pid_exists(first)
+    assert not pid_exists(second)
+    assert any("killed by SIGKILL" in detail for _, detail in seen.states)
+
+
+def test_events_arrive_in_order(workdir):
+    async def scenario():
+        seen = Recorder()
+        supervisor = Supervisor(seen.on_event, seen.on_state)
+        supervisor.add("forwarder", "forwarder", ["--handoff", str(workdir / "h.sock")])
+        try:
+            await supervisor.start("forwarder")
+            await seen.wait_for(lambda: any(e["kind"] == "listening" for _, e in seen.events))
+            await supervisor.stop("forwarder")
+            await supervisor.wait_exited("forwarder")
+        finally:
+            await supervisor.close()
+        return [e["kind"] for _, e in seen.events]
+
+    kinds = run(scenario())
+    assert kinds[0] == "started"
+    assert kinds.index("listening") < kinds.index("stopping") < kinds.index("exited")
+    assert kinds[-1] == "exited"
+
+
+def test_worker_crash_reported(workdir):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+
+        async def scenario():
+            seen = Recorder()
+            supervisor = Supervisor(seen.on_event, seen.on_state)
+            supervisor.add("server", "server", ["--listen", f"127.0.0.1:{port}", "--handoff", str(workdir / "h.sock")])
+            try:
+                await supervisor.start("server")
+                code = await supervisor.wait_exited("server")
+                await seen.wait_for(lambda: supervisor.workers["server"].state is WorkerState.EXITED)
+                return code, supervisor.workers["server"], seen
+            finally:
+                await supervisor.close()
+
+        code, worker, seen = run(scenario())
+    assert code == 1
+    assert worker.exit_description == "exit code 1"
+    assert any("already in use" in line for line in worker.log_lines)
+    assert any(detail.startswith("exited: exit code 1") for _, detail in seen.states)
+
+
+SUPERVISOR_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from takeover_console.workers import Supervisor
+
+    async def main():
+        ready = asyncio.Event()
+        def on_event(worker, event):
+            if event.get("kind") == "listening":
+                ready.set()
+        supervisor = Supervisor(on_event)
+        supervisor.add("forwarder", "forwarder", ["--handoff", sys.argv[1]])
+        worker = await supervisor.start("forwarder")
+        await ready.wait()
+        print(json.dumps({"worker": worker.pid}), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
+def test_no_worker_outlives_console(workdir, how):
+    """A console ended in any way takes its workers along (PR_SET_PDEATHSIG or its handlers)."""
+    console = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR_SCRIPT, str(workdir / "h.sock")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        line = console.stdout.readline()
+        worker_pid = json.loads(line)["worker"]
+        assert pid_exists(worker_pid)
+        os.kill(console.pid, how)
+        console.wait(timeout=10)
+        assert wait_gone(worker_pid), f"worker {worker_pid} outlived its console ({how.name})"
+    finally:
+        if console.poll() is None:
+            console.kill()
+            console.wait()
+        console.stdout.close()
