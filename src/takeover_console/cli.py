@@ -52,9 +52,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, log_level: str = "INFO") -> None:
     parser.add_argument("--events", metavar="PATH", help="write structured events as JSON lines to PATH, or - for stdout (default: none)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
+    parser.add_argument("--log-level", default=log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help=f"stderr log level (default: {log_level})")
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits (used by the console for its workers)")
 
 
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run, watch and test Socket Takeover: accepted TCP connections handed between processes with SCM_RIGHTS.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="HOST:PORT", help=f"console: the server's TCP address (default: {DEFAULT_ADDRESS})")
+    parser.add_argument("--handoff", metavar="PATH", help="console: the handoff socket (default: a new private directory under the runtime directory)")
+    parser.add_argument("--rate", type=_positive_float, default=5.0, metavar="PER_S", help="console: client connections per second at start (default: 5)")
+    parser.add_argument("--record", metavar="FILE", help="console: write every observation to FILE as JSON lines, for replay")
+    parser.add_argument("--log-file", metavar="PATH", help="console: write the console's own log to PATH (default: none, the screen is the UI)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     server = commands.add_parser("server", help="accept TCP connections and hand each one to the forwarder", description="Accept TCP connections and hand each accepted fd to the forwarder; serve it here when the forwarder is absent, slow or refuses.")
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--handoff", metavar="PATH", help="the forwarder's Unix socket (default: handoff.sock in the private runtime directory)")
     server.add_argument("--protocol", choices=["native", "seed"], default="native", help="native: persistent acknowledged channel; seed: the reference demo's framing, one dial per connection (default: native)")
     server.add_argument("--reply-timeout", type=_positive_float, default=300.0, metavar="MS", help="milliseconds to wait for TAKEN or REJECTED before serving a connection here (default: 300)")
+    server.add_argument("--slow-motion", type=_positive_float, default=1500.0, metavar="MS", help="milliseconds the server keeps its copy of a handed-over socket while slow motion is on; SIGUSR1 turns it on, SIGUSR2 off (default: 1500)")
     server.add_argument("--backlog", type=_positive_int, default=1024, help="TCP listen backlog in connections (default: 1024)")
     _add_process(server)
     _add_common(server)
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--rate", type=_non_negative_float, default=0.0, metavar="PER_S", help="new connections per second; 0 means as fast as possible (default: 0)")
     client.add_argument("--concurrency", type=_positive_int, default=1, metavar="C", help="connections open at once (default: 1)")
     client.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds allowed per request (default: 5)")
-    client.add_argument("--hold", type=_non_negative_float, default=0.0, help="seconds to keep each connection open after sending (default: 0)")
+    client.add_argument("--hold", type=_non_negative_float, default=0.0, help="seconds to keep each connection open before sending its request (default: 0)")
     client.add_argument("--json", action="store_true", help="print one JSON summary instead of a line per reply")
     _add_common(client)
 
@@ -110,7 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=_positive_float, default=6.0, help="seconds to run (default: 6)")
     demo.add_argument("--rate", type=_positive_float, default=50.0, metavar="PER_S", help="client connections per second (default: 50)")
     demo.add_argument("--record", metavar="FILE", help="write every observation to FILE as JSON lines, for replay")
-    _add_common(demo)
+    _add_common(demo, log_level="WARNING")
+
+    replay = commands.add_parser("replay", help="show a recorded session again, with no process started", description="Feed a file written with --record back through the console.")
+    replay.add_argument("file", metavar="FILE", help="a recording written with --record")
+    replay.add_argument("--speed", type=_non_negative_float, default=1.0, help="playback speed; 2 is twice as fast, 0 loads everything at once (default: 1)")
+    replay.add_argument("--headless", action="store_true", help="print a summary instead of opening the console")
+    _add_common(replay, log_level="WARNING")
     return parser
 
 
@@ -119,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 2
+        from takeover_console.console import run_console
+
+        try:
+            return run_console(args)
+        except (AddressError, SocketFileError) as exc:
+            print(f"takeover-console: error: {exc}", file=sys.stderr)
+            return 1
     setup_logging(args.log_level)
     if getattr(args, "exit_with_parent", False) and not exit_with_parent(os.getppid()):
         return 1
@@ -135,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             from takeover_console.demo import run_demo
 
             return run_demo(args)
+        if args.command == "replay":
+            from takeover_console.console import run_replay
+
+            return run_replay(args)
     except (AddressError, SocketFileError) as exc:
         print(f"takeover-console {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -181,6 +202,7 @@ def _run_server(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         backlog=args.backlog,
         allowed_uids=frozenset(args.allow_uid or ()),
+        slow_motion_delay=args.slow_motion / 1000,
     )
     return _run_program(args, "server", lambda events: Server(config, events))
 

@@ -115,9 +115,10 @@ async def request_once(config: ClientConfig, index: int) -> Outcome:
     try:
         async with asyncio.timeout(config.timeout):
             await loop.sock_connect(sock, (config.host, config.port))
-            await loop.sock_sendall(sock, b"seq num %d" % index)
             if config.hold:
+                # The connection sits idle, held by whoever has it now, before the request.
                 await asyncio.sleep(config.hold)
+            await loop.sock_sendall(sock, b"seq num %d" % index)
             while len(reply) <= REPLY_LIMIT:
                 chunk = await loop.sock_recv(sock, REPLY_LIMIT)
                 if not chunk:

@@ -42,6 +42,9 @@ RELEASED = "released"
 # The forwarder asked the server who serves an offer whose TAKEN may have been late.
 QUERIED = "queried"
 
+# The server's slow motion for demos was switched on or off.
+SLOW_MOTION = "slow_motion"
+
 # The client's view of one request.
 ANSWERED = "answered"
 FAILED = "failed"
@@ -52,7 +55,7 @@ KINDS = frozenset(
         STARTED, LISTENING, STOPPING, EXITED, ERROR,
         CHANNEL_UP, CHANNEL_DOWN, PEER_REFUSED,
         ACCEPTED, OFFERED, TAKEN, REJECTED, FALLBACK, SERVED, CLOSED, RELEASED, QUERIED,
-        ANSWERED, FAILED, SUMMARY,
+        ANSWERED, FAILED, SUMMARY, SLOW_MOTION,
     }
 )
 

@@ -229,6 +229,13 @@ class NativeLink:
         conn = offer.conn
         round_trip_ms = (time.monotonic_ns() - offer.sent_ns) / 1e6
         self.events.emit(ev.TAKEN, conn=conn.id, fd=conn.fd, peer_fd=payload.get("fd"), latency_ms=round(round_trip_ms, 3))
+        if self.config.release_delay > 0:
+            # Slow motion: keep our copy a visible moment, so both fd tables show the socket.
+            self._loop.call_later(self.config.release_delay, self._release, conn)
+        else:
+            self._release(conn)
+
+    def _release(self, conn: "Connection") -> None:
         conn.sock.close()
         self.events.emit(ev.RELEASED, conn=conn.id, fd=conn.fd)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class ServerConfig:
     allowed_uids: frozenset[int] = field(default_factory=frozenset)
     reconnect_min: float = 0.05
     reconnect_max: float = 0.5
+    # Seconds the server keeps its copy after TAKEN; SIGUSR1 sets slow_motion_delay, SIGUSR2 sets 0.
+    release_delay: float = 0.0
+    slow_motion_delay: float = 1.5
 
 
 @dataclass
@@ -84,6 +88,8 @@ class Server:
         """Serve until a stop signal, then drain; return the exit status."""
         # Before "listening" is announced, so a supervisor's SIGTERM always finds a handler.
         install_stop_signals(self._stop)
+        self._loop.add_signal_handler(signal.SIGUSR1, self.set_slow_motion, True)
+        self._loop.add_signal_handler(signal.SIGUSR2, self.set_slow_motion, False)
         self.listener = open_tcp_listener(self.config.host, self.config.port, self.config.backlog)
         self.local_address = format_address(self.listener.getsockname())
         self.events.emit(
@@ -102,6 +108,12 @@ class Server:
         link_task.cancel()
         await asyncio.gather(link_task, return_exceptions=True)
         return 0
+
+    def set_slow_motion(self, on: bool) -> None:
+        """Keep the server's copy of handed-over sockets for a visible moment, or stop doing so."""
+        self.config.release_delay = self.config.slow_motion_delay if on else 0.0
+        log.info("slow motion %s: the server keeps its copy %g s after TAKEN", "on" if on else "off", self.config.release_delay)
+        self.events.emit(ev.SLOW_MOTION, on=on, release_delay_ms=round(self.config.release_delay * 1000))
 
     def request_stop(self) -> None:
         """Begin a graceful stop, as SIGTERM does."""

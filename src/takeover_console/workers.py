@@ -76,6 +76,7 @@ class Worker:
     log_lines: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES_KEPT))
     process: asyncio.subprocess.Process | None = None
     _readers: list[asyncio.Task] = field(default_factory=list)
+    _watcher: asyncio.Task | None = None
     _stop_requested: str | None = None
 
     @property
@@ -149,7 +150,7 @@ class Supervisor:
             asyncio.create_task(self._read_events(worker, worker.process), name=f"{name}-events"),
             asyncio.create_task(self._read_log(worker, worker.process), name=f"{name}-log"),
         ]
-        asyncio.create_task(self._watch_exit(worker, worker.process), name=f"{name}-exit")
+        worker._watcher = asyncio.create_task(self._watch_exit(worker, worker.process), name=f"{name}-exit")
         return worker
 
     async def _read_events(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
@@ -209,6 +210,14 @@ class Supervisor:
         worker.process.send_signal(signal.SIGKILL)
         return True
 
+    def signal(self, name: str, signum: int) -> bool:
+        """Send ``signum`` to a running worker; return False when it was not running."""
+        worker = self.workers[name]
+        if worker.process is None or worker.process.returncode is not None:
+            return False
+        worker.process.send_signal(signum)
+        return True
+
     async def stop(self, name: str, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM a worker, SIGKILL it after ``timeout`` seconds; return its exit status."""
         worker = self.workers[name]
@@ -227,6 +236,9 @@ class Supervisor:
             worker._stop_requested = f"SIGKILL after {timeout:g} s without exiting"
             process.send_signal(signal.SIGKILL)
             await process.wait()
+        # The state is EXITED, and the exit reported, once the watcher has finished.
+        if worker._watcher is not None:
+            await asyncio.gather(worker._watcher, return_exceptions=True)
         return process.returncode
 
     async def wait_exited(self, name: str) -> int | None:
@@ -235,7 +247,8 @@ class Supervisor:
         if worker.process is None:
             return None
         await worker.process.wait()
-        await asyncio.gather(*worker._readers, return_exceptions=True)
+        if worker._watcher is not None:
+            await asyncio.gather(worker._watcher, return_exceptions=True)
         return worker.process.returncode
 
     async def restart(self, name: str) -> Worker:

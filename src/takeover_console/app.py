@@ -1,0 +1,251 @@
+"""The console: a Textual app that shows a live or replayed session and drives the workers.
+
+The app reads the session model on a timer (four times a second by default) and asks
+each pane to update what changed; bursts of observations collapse into one refresh.
+Process control runs in Textual workers, so the UI never waits on a process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from rich.text import Text
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Container
+from textual.screen import Screen
+from textual.widgets import Footer, Static, Tab, Tabs
+from textual.worker import Worker, WorkerState
+
+from takeover_console.panes.connections import ConnectionsPane
+from takeover_console.panes.eventlog import EventLogPane
+from takeover_console.panes.fdtables import FdTablesPane
+from takeover_console.panes.help import HelpScreen
+from takeover_console.panes.processes import ProcessesPane
+from takeover_console.panes.traffic import TrafficPane
+
+log = logging.getLogger(__name__)
+
+# Below this size the panes move into tabs.
+WIDE_MIN_WIDTH = 120
+WIDE_MIN_HEIGHT = 34
+RATE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+# Which panes each tab shows when the terminal is narrow.
+TAB_PANES = {
+    "tab-overview": ("processes", "traffic"),
+    "tab-fds": ("fdtables",),
+    "tab-connections": ("connections",),
+    "tab-events": ("events",),
+}
+LIVE_ACTIONS = {"start_forwarder", "kill_forwarder", "stop_forwarder", "pause_client", "resume_client", "faster", "slower", "slow_motion"}
+
+
+class TakeoverApp(App):
+    """The takeover-console UI over a LiveSession or a ReplaySession."""
+
+    CSS_PATH = "console.tcss"
+    TITLE = "takeover-console"
+    BINDINGS = [
+        Binding("f", "start_forwarder", "Start forwarder"),
+        Binding("k", "kill_forwarder", "Kill forwarder"),
+        Binding("t", "stop_forwarder", "Stop forwarder"),
+        Binding("c", "pause_client", "Pause client"),
+        Binding("c", "resume_client", "Resume client"),
+        Binding("plus", "faster", "Rate +", key_display="+"),
+        Binding("minus", "slower", "Rate -", key_display="-"),
+        Binding("s", "slow_motion", "Slow motion"),
+        Binding("d", "client_fds", "Client fds"),
+        Binding("p", "freeze", "Freeze"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, session, refresh_interval: float = 0.25):
+        super().__init__()
+        self.session = session
+        self._refresh_interval = refresh_interval
+        self.frozen = False
+        self._seen_version = -1
+        self._forwarder_was_running: bool | None = None
+
+    @property
+    def model(self):
+        """The session model the panes read."""
+        return self.session.model
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="status")
+        yield Tabs(
+            Tab("Overview", id="tab-overview"),
+            Tab("fd tables", id="tab-fds"),
+            Tab("Connections", id="tab-connections"),
+            Tab("Events", id="tab-events"),
+            id="tabs",
+        )
+        with Container(id="panes"):
+            yield ProcessesPane(id="processes", classes="pane")
+            yield TrafficPane(id="traffic", classes="pane")
+            yield FdTablesPane(id="fdtables", classes="pane")
+            yield ConnectionsPane(id="connections", classes="pane")
+            yield EventLogPane(id="events", classes="pane")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._apply_layout(self.size.width, self.size.height)
+        self.run_worker(self._start_session(), name="start-session", exit_on_error=False)
+        self.set_interval(self._refresh_interval, self.refresh_panes)
+
+    async def _start_session(self) -> None:
+        await self.session.start()
+        self.refresh_panes()
+
+    # Layout.
+
+    def on_resize(self, event) -> None:
+        self._apply_layout(event.size.width, event.size.height)
+
+    def _apply_layout(self, width: int, height: int) -> None:
+        narrow = width < WIDE_MIN_WIDTH or height < WIDE_MIN_HEIGHT
+        self.screen.set_class(narrow, "narrow")
+        self._show_tab(self.query_one(Tabs).active or "tab-overview")
+
+    def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
+        self._show_tab(event.tab.id)
+
+    def _show_tab(self, tab_id: str) -> None:
+        visible = TAB_PANES.get(tab_id, TAB_PANES["tab-overview"])
+        for pane in self.query(".pane"):
+            pane.set_class(pane.id not in visible, "off-tab")
+
+    # Refreshing.
+
+    def refresh_panes(self) -> None:
+        """Update every pane from the model, unless frozen or nothing changed."""
+        if self.frozen or self.model.version == self._seen_version:
+            return
+        self._seen_version = self.model.version
+        for pane in (ProcessesPane, TrafficPane, FdTablesPane, ConnectionsPane, EventLogPane):
+            self.query_one(pane).refresh_from(self.model)
+        self._update_status()
+        running = self._forwarder_running()
+        if running != self._forwarder_was_running:
+            self._forwarder_was_running = running
+            self.refresh_bindings()
+
+    def _update_status(self) -> None:
+        status = Text()
+        if self.session.live:
+            status.append(" LIVE ", style="bold white on dark_green")
+            address = getattr(self.session, "server_address", None) or "starting"
+            status.append(f"  server {address}")
+            status.append("  forwarder ")
+            status.append("up" if self._forwarder_running() else "down", style="bold green" if self._forwarder_running() else "bold red")
+            client = "paused" if self.session.client_paused else f"{self.session.client_rate:g}/s"
+            status.append(f"  client {client}")
+        else:
+            status.append(" REPLAY ", style="bold white on dark_blue")
+            status.append(f"  {self.session.path.name}")
+        if self.model.slow_motion:
+            status.append("  SLOW MOTION", style="bold yellow")
+        if self.frozen:
+            status.append("  FROZEN (p to resume)", style="bold red")
+        self.query_one("#status", Static).update(status)
+
+    def _forwarder_running(self) -> bool:
+        return bool(self.session.live and self.session.forwarder_running())
+
+    # Which keys apply now: the footer and the command palette show only these.
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in LIVE_ACTIONS and not self.session.live:
+            return False
+        if action == "start_forwarder":
+            return not self._forwarder_running()
+        if action in ("kill_forwarder", "stop_forwarder"):
+            return self._forwarder_running()
+        if action == "pause_client":
+            return not self.session.client_paused
+        if action == "resume_client":
+            return self.session.client_paused
+        return True
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for binding in self.BINDINGS:
+            if binding.action in ("quit", "help") or self.check_action(binding.action, ()) is not True:
+                continue
+            yield SystemCommand(binding.description, f"key {binding.key_display or binding.key}", lambda action=binding.action: self.run_action(action))
+
+    # Actions.
+
+    def _control(self, work, description: str) -> None:
+        self.run_worker(work, name=description, group="control", exit_on_error=False)
+
+    def action_kill_forwarder(self) -> None:
+        if self.session.kill_forwarder():
+            self.notify("forwarder killed with SIGKILL: new connections fall back to the server")
+        self.refresh_bindings()
+
+    def action_stop_forwarder(self) -> None:
+        self._control(self.session.stop_forwarder(), "stop forwarder")
+        self.notify("forwarder asked to stop (SIGTERM): it drains, then exits")
+
+    def action_start_forwarder(self) -> None:
+        self._control(self.session.start_forwarder(), "start forwarder")
+        self.notify("starting the forwarder: handoffs resume once the channel is up")
+
+    def action_pause_client(self) -> None:
+        self._control(self.session.pause_client(), "pause client")
+
+    def action_resume_client(self) -> None:
+        self._control(self.session.resume_client(), "resume client")
+
+    def action_faster(self) -> None:
+        self._change_rate(+1)
+
+    def action_slower(self) -> None:
+        self._change_rate(-1)
+
+    def _change_rate(self, step: int) -> None:
+        current = self.session.client_rate
+        index = min(range(len(RATE_STEPS)), key=lambda i: abs(RATE_STEPS[i] - current))
+        rate = RATE_STEPS[max(0, min(len(RATE_STEPS) - 1, index + step))]
+        self._control(self.session.set_client_rate(rate), "client rate")
+        self.notify(f"client rate {rate}/s")
+
+    def action_slow_motion(self) -> None:
+        on = not self.session.slow_motion
+        self._control(self.session.set_slow_motion(on), "slow motion")
+        self.notify("slow motion on: each handed-over socket stays in both fd tables for a moment" if on else "slow motion off")
+
+    def action_client_fds(self) -> None:
+        self.query_one(FdTablesPane).toggle_client()
+        self._seen_version = -1
+        self.refresh_panes()
+
+    def action_freeze(self) -> None:
+        self.frozen = not self.frozen
+        if not self.frozen:
+            self._seen_version = -1
+            self.refresh_panes()
+        else:
+            self._update_status()
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    async def action_quit(self) -> None:
+        self.notify("stopping workers...")
+        await self.session.close()
+        self.exit()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state is WorkerState.ERROR:
+            error = event.worker.error
+            log.error("%s failed: %s", event.worker.name, error)
+            self.notify(f"{event.worker.name} failed: {error}", severity="error", timeout=8)
+        if event.state in (WorkerState.SUCCESS, WorkerState.ERROR):
+            self.refresh_bindings()

@@ -1,0 +1,81 @@
+"""Starting the console: check what can fail before the UI takes the terminal, then run it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from takeover_console.netaddr import AddressError, open_tcp_listener, parse_host_port
+from takeover_console.observations import RecordingError
+from takeover_console.session import LiveSession, ReplaySession, SessionConfig
+
+log = logging.getLogger(__name__)
+
+
+def check_listen_address(listen: str) -> None:
+    """Raise AddressError now if the server could not listen on ``listen``."""
+    host, port = parse_host_port(listen, "--listen")
+    if port != 0:
+        open_tcp_listener(host, port, backlog=1).close()
+
+
+def _log_to_file(path: str | None) -> None:
+    # The terminal belongs to the UI, so the console logs to a file or not at all.
+    handler: logging.Handler = logging.FileHandler(path) if path else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def run_console(args: argparse.Namespace) -> int:
+    """Run the live console; return the exit status."""
+    check_listen_address(args.listen)
+    _log_to_file(args.log_file)
+    config = SessionConfig(
+        listen=args.listen,
+        handoff=Path(args.handoff) if args.handoff else None,
+        client_rate=args.rate,
+        record=Path(args.record) if args.record else None,
+    )
+    return asyncio.run(_run_app(LiveSession(config)))
+
+
+async def _run_app(session) -> int:
+    from takeover_console.app import TakeoverApp
+
+    app = TakeoverApp(session)
+    try:
+        await app.run_async()
+    finally:
+        await session.close()
+    return app.return_code or 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """Replay a recording in the console, or print its summary with --headless."""
+    path = Path(args.file)
+    try:
+        if args.headless:
+            return asyncio.run(_replay_headless(path))
+        _log_to_file(None)
+        return asyncio.run(_run_app(ReplaySession(path, args.speed)))
+    except RecordingError as exc:
+        print(f"takeover-console replay: error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _replay_headless(path: Path) -> int:
+    from takeover_console.demo import print_summary
+
+    session = ReplaySession(path, speed=0)
+    await session.start()
+    print(f"replayed {session.count} observations from {path}")
+    print_summary(session)
+    return 0
+
+
+__all__ = ["AddressError", "check_listen_address", "run_console", "run_replay"]

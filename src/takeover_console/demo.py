@@ -1,0 +1,83 @@
+"""The headless demo: the stage demo as a script that prints what the model saw."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from takeover_console.session import FORWARDER, LiveSession, SessionConfig
+
+
+async def run_headless(config: SessionConfig, duration: float, out=sys.stdout) -> LiveSession:
+    """Run the session for ``duration`` seconds, killing the forwarder halfway and starting it at three quarters.
+
+    The last quarter runs in slow motion, so the samples catch sockets held by both processes.
+    """
+    session = LiveSession(config)
+    printed = 0
+
+    def print_new_log_lines() -> None:
+        nonlocal printed
+        entries = list(session.model.log)
+        fresh = min(session.model.logged - printed, len(entries))
+        for entry in entries[len(entries) - fresh :]:
+            if entry.kind in _TOLD:
+                print(f"  t+{entry.t - (session.model.start_t or entry.t):6.2f}s  {entry.text}", file=out)
+        printed = session.model.logged
+
+    try:
+        await session.start()
+        print(f"server {session.server_address}, forwarder on {session.handoff}, client at {config.client_rate:g} connections/s", file=out)
+        await asyncio.sleep(duration / 2)
+        print_new_log_lines()
+        print("-- killing the forwarder (SIGKILL): connections fall back to the server", file=out)
+        session.kill_forwarder()
+        await asyncio.sleep(duration / 4)
+        print_new_log_lines()
+        print("-- starting the forwarder again in slow motion: handoffs resume, each socket in both fd tables a moment", file=out)
+        await session.start_forwarder()
+        await session.set_slow_motion(True)
+        await asyncio.sleep(duration / 4)
+        print_new_log_lines()
+    finally:
+        await session.close()
+    return session
+
+
+# Log kinds the headless demo prints; per-connection lines would flood the terminal.
+_TOLD = {"worker_started", "worker_exited", "channel_up", "channel_down", "listening", "peer_refused", "error", "failed"}
+
+
+def print_summary(session, out=sys.stdout) -> None:
+    """Print the totals the model folded from the run."""
+    model = session.model
+    counters = model.counters
+    p50 = model.latency_percentile(50)
+    p99 = model.latency_percentile(99)
+    handoff_p50 = model.handoff_percentile(50)
+    print("summary:", file=out)
+    print(f"  answered by forwarder  {counters.by_forwarder}", file=out)
+    print(f"  answered by server     {counters.by_server}", file=out)
+    print(f"  failed                 {counters.failed} {dict(counters.errors) if counters.errors else ''}", file=out)
+    print(f"  handoffs               {counters.handoffs} (round trip p50 {_ms(handoff_p50)})", file=out)
+    print(f"  fallbacks              {counters.fallbacks} {dict(counters.fallback_reasons)}", file=out)
+    print(f"  peak shared sockets    {model.shared_peak} (one socket in two fd tables at once)", file=out)
+    print(f"  client latency         p50 {_ms(p50)}, p99 {_ms(p99)}", file=out)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} ms"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Entry point of ``takeover-console demo``."""
+    config = SessionConfig(
+        listen="127.0.0.1:0",
+        client_rate=args.rate,
+        record=Path(args.record) if getattr(args, "record", None) else None,
+    )
+    session = asyncio.run(run_headless(config, args.duration))
+    print_summary(session)
+    return 1 if session.model.counters.failed else 0

@@ -1,0 +1,77 @@
+"""Plain-words lines for the handoff event log, one per observation worth telling."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class PeerLookup(Protocol):
+    """What narration needs from the model: a connection's client address."""
+
+    def peer_of(self, conn_id: str) -> str: ...
+
+
+def describe_event(event: dict, lookup: PeerLookup) -> str | None:
+    """Return the log line for one worker event, or None for events the log leaves out."""
+    kind = event.get("kind")
+    role = event.get("role", "?")
+    conn = str(event.get("conn", ""))
+    if kind == "accepted":
+        return f"server accepted {event.get('peer')} as fd {event.get('fd')}"
+    if kind == "offered":
+        return f"server offered fd {event.get('fd')} ({lookup.peer_of(conn)}) to the forwarder"
+    if kind == "taken" and role == "server":
+        return f"handed fd {event.get('fd')} to forwarder, arrived as fd {event.get('peer_fd')} ({event.get('latency_ms', 0):.2f} ms)"
+    if kind == "taken":
+        origin = f"server fd {event['peer_fd']}" if event.get("peer_fd") is not None else f"pid {event.get('from_pid')}"
+        return f"forwarder took {event.get('peer') or lookup.peer_of(conn)} as fd {event.get('fd')} (from {origin})"
+    if kind == "released":
+        return f"server closed its copy, fd {event.get('fd')}"
+    if kind == "rejected":
+        return f"forwarder rejected {lookup.peer_of(conn)}: {event.get('reason')}"
+    if kind == "fallback":
+        return _describe_fallback(event, lookup.peer_of(conn))
+    if kind == "queried":
+        return f"{role} checked who serves {lookup.peer_of(conn)}: {event.get('owner', 'asked')}"
+    if kind == "closed" and event.get("outcome") != "served":
+        return f"{role} closed fd {event.get('fd')} without a reply: {event.get('outcome')}"
+    if kind == "channel_up" and role == "server":
+        return f"handoff channel up between {role} pid {event.get('pid')} and {event.get('peer_role')} pid {event.get('peer_pid')}"
+    if kind == "channel_down":
+        return f"handoff channel down ({role} side): {event.get('reason')}"
+    if kind == "peer_refused":
+        return f"{role} refused peer pid {event.get('peer_pid')}: {event.get('reason')}"
+    if kind == "listening":
+        where = event.get("addr") or event.get("path")
+        return f"{role} listening on {where} (fd {event.get('fd')}, inode {event.get('inode')})"
+    if kind == "stopping":
+        return f"{role} stopping, {event.get('in_flight', 0)} connections in flight"
+    if kind == "error":
+        return f"{role} error: {event.get('message')}"
+    if kind == "failed":
+        return f"client request {event.get('seq')} failed: {event.get('error')}"
+    return None
+
+
+def _describe_fallback(event: dict, peer: str) -> str:
+    reason = str(event.get("reason", ""))
+    if reason == "no forwarder":
+        return f"forwarder unreachable: fallback, server serves {peer}"
+    return f"fallback, server serves {peer}: {reason}"
+
+
+def describe_worker(observation: dict) -> str | None:
+    """Return the log line for a worker state change reported by the supervisor."""
+    state = observation.get("state")
+    name = observation.get("worker")
+    pid = observation.get("pid")
+    detail = str(observation.get("detail", ""))
+    if state == "started":
+        return f"{name} started as pid {pid}"
+    if state == "exited":
+        if "SIGKILL" in detail and "killed with SIGKILL" in detail:
+            return f"{name} killed (SIGKILL), pid {pid}"
+        return f"{name} pid {pid} {detail.removeprefix('exited: ')}"
+    if state == "stopping":
+        return f"{name} pid {pid} asked to stop (SIGTERM)"
+    return None

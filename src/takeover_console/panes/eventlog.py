@@ -1,0 +1,41 @@
+"""The handoff event log: a bounded, time-stamped list of what happened, in plain words."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import RichLog, Static
+
+from takeover_console.model import SessionModel
+from takeover_console.panes.formatting import ROLE_STYLES
+
+MAX_LINES = 500
+# Kinds shown in red or bold, so failures and process deaths stand out.
+ALERT_KINDS = {"failed", "error", "peer_refused", "channel_down", "worker_exited"}
+MILESTONE_KINDS = {"channel_up", "worker_started", "listening", "slow_motion"}
+
+
+class EventLogPane(Vertical):
+    """Appends the model's new log entries; time is seconds since the session began."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._entries_shown = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static("Handoff events", classes="pane-title")
+        yield RichLog(max_lines=MAX_LINES, wrap=True, markup=False, id="event-log")
+
+    def refresh_from(self, model: SessionModel) -> None:
+        """Write the entries logged since the last refresh."""
+        fresh = min(model.logged - self._entries_shown, len(model.log))
+        if fresh <= 0:
+            return
+        log = self.query_one(RichLog)
+        start = model.start_t or 0.0
+        entries = list(model.log)[len(model.log) - fresh :]
+        for entry in entries[-MAX_LINES:]:
+            style = "bold red" if entry.kind in ALERT_KINDS else ("bold" if entry.kind in MILESTONE_KINDS else "")
+            log.write(Text.assemble((f"{entry.t - start:8.3f} ", "dim"), (f"{entry.role:<9} ", ROLE_STYLES.get(entry.role, "")), (entry.text, style)))
+        self._entries_shown = model.logged

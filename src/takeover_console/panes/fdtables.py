@@ -1,0 +1,145 @@
+"""The fd-table pane: the server's and the forwarder's open fds side by side, the client's on demand.
+
+A socket that two processes hold at once (during a handoff) carries the same mark and
+colour in both tables, with its inode. Rows that just appeared are highlighted, and rows
+that just closed stay a moment struck through, so an audience can follow an fd moving.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Static
+
+from takeover_console.fdtable import FdRow
+from takeover_console.model import SessionModel
+from takeover_console.panes.formatting import ROLE_STYLES, shared_colour
+from takeover_console.panes.synced_table import SyncedTable
+
+# Seconds of session time a new row stays highlighted, and a closed row stays visible.
+NEW_ROW_SECONDS = 1.0
+CLOSED_ROW_SECONDS = 1.0
+SHARED_MARK = "◆"
+
+COLUMNS = [
+    ("fd", "fd"),
+    ("kind", "kind"),
+    ("inode", "inode"),
+    ("state", "state"),
+    ("cloexec", "cloexec"),
+    ("note", "note"),
+    ("local", "local"),
+    ("remote", "remote"),
+]
+
+
+class FdTableView(Vertical):
+    """The fd table of one worker, keyed by fd number and inode."""
+
+    def __init__(self, worker: str, **kwargs):
+        super().__init__(**kwargs)
+        self.worker_name = worker
+        self._row_first_seen: dict[str, float] = {}
+        self._closing_rows: dict[str, tuple[float, tuple]] = {}
+        self._previous_rows: dict[str, tuple] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.worker_name, classes="pane-title")
+        yield SyncedTable(COLUMNS, sort_key="fd")
+
+    def refresh_from(self, model: SessionModel) -> None:
+        """Show the worker's fds from the latest sample."""
+        view = model.processes.get(self.worker_name)
+        title = self.query_one(Static)
+        process = None
+        if view is not None and view.pid is not None and model.sample is not None:
+            process = model.sample.processes.get(view.pid)
+        if view is None or view.pid is None:
+            title.update(Text(f"{self.worker_name}: not started", style="dim"))
+        else:
+            state = "gone" if process is not None and process.gone else view.state
+            title.update(Text.assemble((self.worker_name, ROLE_STYLES.get(self.worker_name, "")), f" pid {view.pid}, generation {view.generation}, {state}"))
+        rows = {}
+        if process is not None and not process.gone:
+            shared = sorted(model.sample.shared)
+            for row in process.rows:
+                key = f"{row.fd}:{row.inode or row.target}"
+                rows[key] = _cells(row, model, view.pid, shared)
+        self.query_one(SyncedTable).sync(self._decorate(rows, model.now))
+
+    def _decorate(self, rows: dict[str, tuple], now: float) -> dict[str, tuple]:
+        for key in rows:
+            self._row_first_seen.setdefault(key, now)
+            self._closing_rows.pop(key, None)
+        for key, cells in self._previous_rows.items():
+            if key not in rows and key not in self._closing_rows:
+                self._closing_rows[key] = (now, cells)
+        self._previous_rows = rows
+        shown = {}
+        for key, cells in rows.items():
+            if now - self._row_first_seen[key] < NEW_ROW_SECONDS:
+                cells = _styled(cells, "on dark_green")
+            shown[key] = cells
+        for key, (closed_at, cells) in list(self._closing_rows.items()):
+            if now - closed_at < CLOSED_ROW_SECONDS:
+                shown[key] = _styled(cells, "strike red")
+            else:
+                del self._closing_rows[key]
+                self._row_first_seen.pop(key, None)
+        return shown
+
+
+def _cells(row: FdRow, model: SessionModel, pid: int, shared: list[int]) -> tuple:
+    inode_text = Text(str(row.inode) if row.inode is not None else "")
+    note = Text(model.inode_labels.get(row.inode, "") if row.inode is not None else "")
+    if row.inode is not None and row.inode in shared:
+        colour = shared_colour(row.inode, shared)
+        others = [(p, fd) for p, fd in model.sample.shared[row.inode] if p != pid]
+        if others:
+            inode_text = Text(f"{SHARED_MARK} {row.inode}", style=f"bold {colour}")
+            holders = ", ".join(f"{model.name_of_pid(p) or p} fd {fd}" for p, fd in others)
+            note = Text(f"also in {holders}", style=colour)
+    if note.plain in ("listener", "handoff channel", "handoff socket"):
+        note.stylize("bold")
+    if row.error:
+        note = Text(row.error, style="dim")
+    kind = row.kind if row.family != "ipv6" else f"{row.kind}6"
+    cloexec = "-" if row.cloexec is None else ("yes" if row.cloexec else "no")
+    local = row.local or (os.path.basename(row.path) if row.path else "") or (row.target if row.kind not in ("tcp", "udp", "unix") else "")
+    return (str(row.fd), kind, inode_text, row.state or "", cloexec, note, local, row.remote or "")
+
+
+def _styled(cells: tuple, style: str) -> tuple:
+    result = []
+    for cell in cells:
+        text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
+        text.stylize(style)
+        result.append(text)
+    return tuple(result)
+
+
+class FdTablesPane(Horizontal):
+    """The server's and forwarder's fd tables side by side; the client's when asked for."""
+
+    def compose(self) -> ComposeResult:
+        yield FdTableView("server", id="fds-server")
+        yield FdTableView("forwarder", id="fds-forwarder")
+        yield FdTableView("client", id="fds-client", classes="hidden")
+
+    @property
+    def client_shown(self) -> bool:
+        """True when the client's table is shown."""
+        return not self.query_one("#fds-client").has_class("hidden")
+
+    def toggle_client(self) -> None:
+        """Show or hide the client's fd table."""
+        self.query_one("#fds-client").toggle_class("hidden")
+
+    def refresh_from(self, model: SessionModel) -> None:
+        """Refresh each visible table."""
+        for table in self.query(FdTableView):
+            if not table.has_class("hidden"):
+                table.refresh_from(model)

@@ -1,0 +1,262 @@
+"""A live session: the supervisor's workers, the fd-table sampler and the model, wired together.
+
+Data flows one way: worker processes -> events and samples -> observations -> model (and
+the recorder). The console and the headless demo both drive a LiveSession; neither
+talks to a process directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from takeover_console.fdtable import FdSampler
+from takeover_console.model import SessionModel
+from takeover_console.observations import Recorder, event_observation, read_recording, replay, sample_observation, worker_observation
+from takeover_console.socketfile import runtime_dir
+from takeover_console.workers import Supervisor, Worker, WorkerState
+
+log = logging.getLogger(__name__)
+
+SERVER = "server"
+FORWARDER = "forwarder"
+CLIENT = "client"
+# In slow motion the client keeps each connection open this long after sending its request.
+SLOW_MOTION_HOLD = 1.0
+# Requests a continuous client sends before it would stop by itself (about a day at 5/s).
+CLIENT_COUNT = 500_000
+START_TIMEOUT = 10.0
+
+
+@dataclass
+class SessionConfig:
+    """What a live session runs; rates are connections per second, intervals seconds."""
+
+    listen: str = "127.0.0.1:8080"
+    handoff: Path | None = None
+    client_rate: float = 5.0
+    client_concurrency: int = 8
+    client_count: int = CLIENT_COUNT
+    sample_interval: float = 0.25
+    record: Path | None = None
+    reply_timeout_ms: float = 300.0
+
+
+class SessionError(Exception):
+    """The session could not start; the message says why and what to do."""
+
+
+class LiveSession:
+    """Runs server, forwarder and client as workers and folds what they do into a model."""
+
+    live = True
+
+    def __init__(self, config: SessionConfig, on_change: Callable[[], None] | None = None):
+        self.config = config
+        self.model = SessionModel()
+        self._on_change = on_change or (lambda: None)
+        self._private_dir: Path | None = None
+        self.handoff = config.handoff or self._make_handoff_path()
+        self.recorder = Recorder(config.record) if config.record else None
+        self.supervisor = Supervisor(self._on_event, self._on_state)
+        self.sampler = FdSampler()
+        self._sampling: asyncio.Task | None = None
+        self._listening: dict[str, asyncio.Future] = {}
+        self.client_paused = False
+        self.client_rate = config.client_rate
+        self.slow_motion = False
+        self.server_address: str | None = None
+
+    def _make_handoff_path(self) -> Path:
+        self._private_dir = Path(tempfile.mkdtemp(prefix="session-", dir=runtime_dir()))
+        return self._private_dir / "handoff.sock"
+
+    # Observations in.
+
+    def observe(self, observation: dict) -> None:
+        """Record and fold one observation, then tell the listener."""
+        if self.recorder is not None:
+            self.recorder.write(observation)
+        self.model.apply(observation)
+        self._on_change()
+
+    def _on_event(self, worker: Worker, event: dict) -> None:
+        self.observe(event_observation(worker.name, event))
+        if event.get("kind") == "listening":
+            if worker.role == SERVER:
+                self.server_address = event.get("addr")
+            waiter = self._listening.get(worker.name)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event)
+
+    def _on_state(self, worker: Worker, detail: str) -> None:
+        state = detail.split(":")[0]
+        self.observe(worker_observation(worker.name, worker.role, worker.pid, worker.generation, state, detail))
+        if state == "exited":
+            waiter = self._listening.get(worker.name)
+            if waiter is not None and not waiter.done():
+                lines = "\n".join(list(worker.log_lines)[-5:])
+                waiter.set_exception(SessionError(f"{worker.name} exited before listening ({worker.exit_description}):\n{lines}"))
+
+    # Starting and stopping.
+
+    async def start(self) -> None:
+        """Start forwarder, server and client, each once the one before it listens."""
+        self.supervisor.add(FORWARDER, FORWARDER, ["--handoff", str(self.handoff)])
+        self.supervisor.add(SERVER, SERVER, ["--listen", self.config.listen, "--handoff", str(self.handoff), "--reply-timeout", str(self.config.reply_timeout_ms)])
+        self.supervisor.add(CLIENT, CLIENT, [])
+        self._sampling = asyncio.create_task(self._sample_loop(), name="fd-sampler")
+        await self._start_and_wait(FORWARDER)
+        await self._start_and_wait(SERVER)
+        await self.start_client()
+
+    async def _start_and_wait(self, name: str) -> dict:
+        waiter = asyncio.get_running_loop().create_future()
+        self._listening[name] = waiter
+        await self.supervisor.start(name)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                return await waiter
+        except TimeoutError:
+            raise SessionError(f"{name} did not start listening within {START_TIMEOUT:g} s") from None
+        finally:
+            self._listening.pop(name, None)
+
+    async def start_client(self) -> None:
+        """(Re)start the client worker at the current rate."""
+        if self.server_address is None:
+            return
+        client = self.supervisor.workers[CLIENT]
+        client.args = [
+            "--connect", self.server_address,
+            "--count", str(self.config.client_count),
+            "--rate", f"{self.client_rate:g}",
+            "--concurrency", str(self.config.client_concurrency),
+            "--json",
+        ]
+        if self.slow_motion:
+            client.args += ["--hold", f"{SLOW_MOTION_HOLD:g}"]
+        await self.supervisor.stop(CLIENT, timeout=1.0)
+        await self.supervisor.start(CLIENT)
+        self.client_paused = False
+
+    async def close(self) -> None:
+        """Stop every worker, the sampler and the recorder, and remove private files."""
+        if self._sampling is not None:
+            self._sampling.cancel()
+            await asyncio.gather(self._sampling, return_exceptions=True)
+        await self.supervisor.close()
+        if self.recorder is not None:
+            self.recorder.close()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    # Actions the console's keys trigger.
+
+    def forwarder_running(self) -> bool:
+        """True while the forwarder process is alive."""
+        return self.supervisor.workers[FORWARDER].state in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.STOPPING)
+
+    def kill_forwarder(self) -> bool:
+        """SIGKILL the forwarder; False when it was not running."""
+        return self.supervisor.kill(FORWARDER)
+
+    async def stop_forwarder(self) -> None:
+        """SIGTERM the forwarder and wait for it to drain and exit."""
+        await self.supervisor.stop(FORWARDER)
+
+    async def start_forwarder(self) -> None:
+        """Start the forwarder again (no-op while it runs)."""
+        if not self.forwarder_running():
+            await self._start_and_wait(FORWARDER)
+
+    async def pause_client(self) -> None:
+        """Stop the client's load; ``resume_client`` starts it again."""
+        await self.supervisor.stop(CLIENT, timeout=1.0)
+        self.client_paused = True
+
+    async def resume_client(self) -> None:
+        """Start the client's load again at the current rate."""
+        await self.start_client()
+
+    async def set_client_rate(self, rate: float) -> None:
+        """Change the client's connections per second (restarts the client)."""
+        self.client_rate = max(0.5, rate)
+        if not self.client_paused:
+            await self.start_client()
+
+    async def set_slow_motion(self, on: bool) -> None:
+        """Have the server keep its copy after TAKEN and the client hold connections longer."""
+        self.slow_motion = on
+        self.supervisor.signal(SERVER, signal.SIGUSR1 if on else signal.SIGUSR2)
+        if not self.client_paused:
+            await self.start_client()
+
+    # Sampling.
+
+    async def _sample_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            pids = self.supervisor.pids()
+            if pids:
+                try:
+                    sample = await loop.run_in_executor(None, self.sampler.sample, pids)
+                except Exception:  # noqa: BLE001 - the sampler must never end the session
+                    log.exception("fd-table sample failed")
+                else:
+                    self.observe(sample_observation(sample.to_dict()))
+            await asyncio.sleep(self.config.sample_interval)
+
+
+
+class ReplaySession:
+    """A recorded session fed back through the same model, with no process started."""
+
+    live = False
+
+    def __init__(self, path: Path, speed: float = 1.0, on_change: Callable[[], None] | None = None):
+        self.path = Path(path)
+        self.speed = speed
+        self.model = SessionModel()
+        self._on_change = on_change or (lambda: None)
+        self._task: asyncio.Task | None = None
+        self.finished = asyncio.Event()
+        self.count = 0
+
+    def observe(self, observation: dict) -> None:
+        """Fold one recorded observation."""
+        self.model.apply(observation)
+        self.count += 1
+        self._on_change()
+
+    async def start(self) -> None:
+        """Load the whole file at once (speed 0 or less) or start replaying it in the background.
+
+        Raises RecordingError when the file is not a recording.
+        """
+        if self.speed <= 0:
+            for observation in read_recording(self.path):
+                self.observe(observation)
+            self.finished.set()
+            return
+        # Read the header now, so a bad file fails here and not inside the background task.
+        next(iter(read_recording(self.path)), None)
+        self._task = asyncio.create_task(self._run(), name="replay")
+
+    async def _run(self) -> None:
+        try:
+            await replay(self.path, self.observe, self.speed)
+        finally:
+            self.finished.set()
+
+    async def close(self) -> None:
+        """Stop replaying."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

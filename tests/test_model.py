@@ -1,0 +1,144 @@
+"""Folding observations into the session model, without processes."""
+
+from __future__ import annotations
+
+from takeover_console.model import SessionModel
+from takeover_console.observations import event_observation, sample_observation, worker_observation
+
+SERVER_PID = 100
+FORWARDER_PID = 200
+
+
+def server_event(kind: str, t: float, **fields) -> dict:
+    return event_observation("server", {"role": "server", "pid": SERVER_PID, "gen": 1, "kind": kind, "mono": t, **fields})
+
+
+def forwarder_event(kind: str, t: float, **fields) -> dict:
+    return event_observation("forwarder", {"role": "forwarder", "pid": FORWARDER_PID, "gen": 1, "kind": kind, "mono": t, **fields})
+
+
+def client_event(kind: str, t: float, **fields) -> dict:
+    return event_observation("client", {"role": "client", "pid": 300, "gen": 1, "kind": kind, "mono": t, **fields})
+
+
+def handoff(conn: str, t: float, server_fd: int = 9, forwarder_fd: int = 12) -> list[dict]:
+    """The observations of one connection handed to the forwarder and answered there."""
+    return [
+        server_event("accepted", t, conn=conn, peer="127.0.0.1:50000", fd=server_fd, inode=5000),
+        server_event("offered", t + 0.0001, conn=conn, fd=server_fd, inode=5000),
+        forwarder_event("taken", t + 0.0002, conn=conn, fd=forwarder_fd, inode=5000, peer="127.0.0.1:50000", from_pid=SERVER_PID, peer_fd=server_fd),
+        server_event("taken", t + 0.0003, conn=conn, fd=server_fd, peer_fd=forwarder_fd, latency_ms=0.25),
+        server_event("released", t + 0.0004, conn=conn, fd=server_fd),
+        forwarder_event("served", t + 0.0005, conn=conn, fd=forwarder_fd, bytes_in=9, latency_ms=0.3),
+        forwarder_event("closed", t + 0.0006, conn=conn, fd=forwarder_fd, outcome="served"),
+        client_event("answered", t + 0.0007, seq=1, by="forwarder", latency_ms=0.8),
+    ]
+
+
+def started_workers(t: float = 1.0) -> list[dict]:
+    return [
+        worker_observation("forwarder", "forwarder", FORWARDER_PID, 1, "started", "started", t=t),
+        worker_observation("server", "server", SERVER_PID, 1, "started", "started", t=t),
+        worker_observation("client", "client", 300, 1, "started", "started", t=t),
+    ]
+
+
+def fold(observations: list[dict]) -> SessionModel:
+    model = SessionModel()
+    for observation in observations:
+        model.apply(observation)
+    return model
+
+
+def test_handoff_counts_forwarder_answer():
+    model = fold(started_workers() + handoff("100:1", 2.0))
+    assert model.counters.by_forwarder == 1
+    assert model.counters.handoffs == 1
+    assert model.counters.fallbacks == 0
+    assert model.processes["forwarder"].answered == 1
+
+
+def test_handoff_connection_closed_after():
+    model = fold(started_workers() + handoff("100:1", 2.0))
+    assert "100:1" not in model.connections
+    assert model.closed[-1].held_by == ["server", "forwarder"]
+    assert model.closed[-1].outcome == "served"
+
+
+def test_socket_held_by_both_midway():
+    observations = started_workers() + handoff("100:1", 2.0)[:3]
+    model = fold(observations)
+    assert model.connections["100:1"].holders == {"server": 9, "forwarder": 12}
+
+
+def test_log_tells_handoff_plainly():
+    model = fold(started_workers() + handoff("100:1", 2.0))
+    texts = [entry.text for entry in model.log]
+    assert "server accepted 127.0.0.1:50000 as fd 9" in texts
+    assert "handed fd 9 to forwarder, arrived as fd 12 (0.25 ms)" in texts
+
+
+def test_killed_forwarder_drops_holdings():
+    observations = started_workers() + handoff("100:1", 2.0)[:5]
+    observations.append(worker_observation("forwarder", "forwarder", FORWARDER_PID, 1, "exited", "exited: killed by SIGKILL (killed with SIGKILL)", t=3.0))
+    model = fold(observations)
+    assert "100:1" not in model.connections
+    assert model.processes["forwarder"].state == "exited"
+    assert model.log[-1].text == "forwarder killed (SIGKILL), pid 200"
+
+
+def test_fallback_counted_with_reason():
+    observations = started_workers() + [
+        server_event("accepted", 2.0, conn="100:2", peer="127.0.0.1:50001", fd=9, inode=5001),
+        server_event("fallback", 2.001, conn="100:2", fd=9, reason="no forwarder"),
+        server_event("served", 2.002, conn="100:2", fd=9, bytes_in=9, latency_ms=0.4),
+        server_event("closed", 2.003, conn="100:2", fd=9, outcome="served"),
+        client_event("answered", 2.004, seq=2, by="server", latency_ms=1.0),
+    ]
+    model = fold(observations)
+    assert model.counters.by_server == 1
+    assert model.counters.fallback_reasons["no forwarder"] == 1
+    assert "forwarder unreachable: fallback, server serves 127.0.0.1:50001" in [e.text for e in model.log]
+
+
+def test_rates_bucket_per_second():
+    observations = started_workers()
+    for i in range(5):
+        observations += handoff(f"100:{i}", 10.1 + i * 0.1)
+    observations.append(client_event("failed", 11.5, seq=9, error="reset", reply=""))
+    model = fold(observations)
+    assert model.rates(2) == [(0, 5, 0), (0, 0, 1)]
+    assert model.counters.errors["reset"] == 1
+
+
+def test_sample_sets_process_figures():
+    sample = {
+        "mono": 5.0,
+        "processes": [{"pid": SERVER_PID, "cpu_percent": 3.5, "rss": 1000, "num_fds": 12, "rows": []}],
+        "shared": [{"inode": 5000, "holders": [[SERVER_PID, 9], [FORWARDER_PID, 12]]}],
+    }
+    model = fold(started_workers() + [sample_observation(sample)])
+    assert model.processes["server"].cpu_percent == 3.5
+    assert model.processes["server"].fds == 12
+    assert model.shared_now == 1
+    assert model.shared_peak == 1
+
+
+def test_same_observations_same_model():
+    observations = started_workers()
+    for i in range(20):
+        observations += handoff(f"100:{i}", 2.0 + i * 0.01)
+    first, second = fold(observations), fold(observations)
+    assert [e.text for e in first.log] == [e.text for e in second.log]
+    assert first.counters == second.counters
+    assert first.rates(5) == second.rates(5)
+
+
+def test_close_before_release_finishes():
+    """The forwarder may answer and close before the server processes TAKEN and releases."""
+    steps = handoff("100:1", 2.0)
+    released, closed = steps[4], steps[6]
+    steps[4], steps[6] = closed, released
+    model = fold(started_workers() + steps)
+    assert "100:1" not in model.connections
+    assert model.closed[-1].outcome == "served"
