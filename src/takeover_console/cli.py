@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="show a recorded session again, with no process started", description="Feed a file written with --record back through the console.")
     replay.add_argument("file", metavar="FILE", help="a recording written with --record")
     replay.add_argument("--speed", type=_non_negative_float, default=1.0, help="playback speed; 2 is twice as fast, 0 loads everything at once (default: 1)")
+    replay.add_argument("--until", type=_non_negative_float, metavar="S", help="stop S seconds after the start of the recording (default: play it all)")
     replay.add_argument("--headless", action="store_true", help="print a summary instead of opening the console")
     _add_common(replay, log_level="WARNING")
     return parser

@@ -60,18 +60,18 @@ def run_replay(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
         if args.headless:
-            return asyncio.run(_replay_headless(path))
+            return asyncio.run(_replay_headless(path, args.until))
         _log_to_file(None)
-        return asyncio.run(_run_app(ReplaySession(path, args.speed)))
+        return asyncio.run(_run_app(ReplaySession(path, args.speed, until=args.until)))
     except RecordingError as exc:
         print(f"takeover-console replay: error: {exc}", file=sys.stderr)
         return 1
 
 
-async def _replay_headless(path: Path) -> int:
+async def _replay_headless(path: Path, until: float | None) -> int:
     from takeover_console.demo import print_summary
 
-    session = ReplaySession(path, speed=0)
+    session = ReplaySession(path, speed=0, until=until)
     await session.start()
     print(f"replayed {session.count} observations from {path}")
     print_summary(session)

@@ -220,9 +220,12 @@ class ReplaySession:
 
     live = False
 
-    def __init__(self, path: Path, speed: float = 1.0, on_change: Callable[[], None] | None = None):
+    def __init__(self, path: Path, speed: float = 1.0, on_change: Callable[[], None] | None = None, until: float | None = None):
         self.path = Path(path)
         self.speed = speed
+        # Seconds from the first observation after which the replay stops (None: the whole file).
+        self.until = until
+        self._first_t: float | None = None
         self.model = SessionModel()
         self._on_change = on_change or (lambda: None)
         self._task: asyncio.Task | None = None
@@ -230,7 +233,11 @@ class ReplaySession:
         self.count = 0
 
     def observe(self, observation: dict) -> None:
-        """Fold one recorded observation."""
+        """Fold one recorded observation, unless it lies past ``until``."""
+        if self._first_t is None:
+            self._first_t = observation["t"]
+        if self.until is not None and observation["t"] - self._first_t > self.until:
+            return
         self.model.apply(observation)
         self.count += 1
         self._on_change()

@@ -25,7 +25,7 @@ class EventLogPane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static("Handoff events", classes="pane-title")
-        yield RichLog(max_lines=MAX_LINES, wrap=True, markup=False, id="event-log")
+        yield RichLog(max_lines=MAX_LINES, wrap=True, min_width=20, markup=False, id="event-log")
 
     def refresh_from(self, model: SessionModel) -> None:
         """Write the entries logged since the last refresh."""

@@ -44,8 +44,7 @@ class TrafficPane(Vertical):
                 ("failed ", failed_style),
                 (str(counters.failed), failed_style),
                 f"   latency p50 {millis(model.latency_percentile(50))}  p99 {millis(model.latency_percentile(99))}",
-                f"\nhandoffs {counters.handoffs} (round trip p50 {millis(model.handoff_percentile(50))})",
-                f"   fallbacks {counters.fallbacks}",
-                f"   shared sockets {model.shared_now} (peak {model.shared_peak})",
+                f"\nhandoffs {counters.handoffs} (round trip p50 {millis(model.handoff_percentile(50))})   fallbacks {counters.fallbacks}",
+                f"\nsockets in two processes now {model.shared_now}, peak {model.shared_peak}",
             )
         )

@@ -1,0 +1,161 @@
+"""The console driven with Textual's pilot over real workers, and over replays."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from takeover_console.app import TakeoverApp
+from takeover_console.session import LiveSession, ReplaySession, SessionConfig
+
+PACKAGE = Path(__file__).parent.parent / "src" / "takeover_console"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def wait_until(predicate, pilot, timeout: float = 10.0) -> None:
+    """Let the app run until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await pilot.pause(0.05)
+
+
+def live_app(workdir: Path, rate: float = 20.0) -> TakeoverApp:
+    config = SessionConfig(listen="127.0.0.1:0", handoff=workdir / "h.sock", client_rate=rate)
+    return TakeoverApp(LiveSession(config), refresh_interval=0.1)
+
+
+def test_keys_kill_and_start_forwarder(workdir):
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            model = app.model
+            await wait_until(lambda: model.counters.by_forwarder >= 5, pilot)
+            await pilot.press("k")
+            await wait_until(lambda: model.processes["forwarder"].state == "exited", pilot)
+            fell_back = model.counters.by_server
+            await wait_until(lambda: model.counters.by_server >= fell_back + 10, pilot)
+            failed_during_fallback = model.counters.failed
+            await pilot.press("f")
+            handed = model.counters.by_forwarder
+            await wait_until(lambda: model.counters.by_forwarder >= handed + 5, pilot)
+            pids = [view.pid for view in model.processes.values()]
+            await pilot.press("q")
+        return failed_during_fallback, pids, app
+
+    failed, pids, app = asyncio.run(scenario())
+    # A connection the forwarder held when it was killed may fail; none may fail after that.
+    assert failed <= 1
+    assert app.model.counters.failed == failed
+    assert all(pid_gone(pid) for pid in pids)
+
+
+def test_quit_leaves_no_process(workdir):
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(lambda: app.session.server_address is not None and len(app.session.supervisor.pids()) == 3, pilot)
+            pids = list(app.session.supervisor.pids())
+            await pilot.press("q")
+        return pids
+
+    pids = asyncio.run(scenario())
+    assert len(pids) == 3
+    assert all(pid_gone(pid) for pid in pids)
+    assert not (workdir / "h.sock").exists()
+
+
+KEYS = ["f", "k", "t", "c", "plus", "minus", "s", "d", "p", "question_mark", "escape", "right", "left", "tab", "up", "down", "x", "enter", "ctrl+p", "space"]
+
+
+@pytest.mark.timeout(120)
+def test_random_keys_live(workdir):
+    """A few hundred keys from the bindings and others: no crash, no worker left behind."""
+    rng = random.Random(20261204)
+
+    async def scenario():
+        app = live_app(workdir)
+        pids: set[int] = set()
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(lambda: app.session.server_address is not None, pilot)
+            for _ in range(300):
+                await pilot.press(rng.choice(KEYS))
+                pids.update(app.session.supervisor.pids())
+            await pilot.pause(0.2)
+            pids.update(app.session.supervisor.pids())
+            assert app.is_running
+            await app.session.close()
+        return pids
+
+    pids = asyncio.run(scenario())
+    assert pids
+    assert all(pid_gone(pid) for pid in pids)
+
+
+def test_random_keys_replay():
+    rng = random.Random(4)
+
+    async def scenario():
+        app = TakeoverApp(ReplaySession(FIXTURES / "forwarder_restarted.jsonl", speed=20), refresh_interval=0.05)
+        async with app.run_test(size=(80, 24)) as pilot:
+            for _ in range(300):
+                await pilot.press(rng.choice(KEYS))
+            assert app.is_running
+            await pilot.press("escape", "q")
+
+    asyncio.run(scenario())
+
+
+def test_replay_shows_recorded_kill():
+    async def scenario():
+        app = TakeoverApp(ReplaySession(FIXTURES / "forwarder_killed.jsonl", speed=0), refresh_interval=3600)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await app.session.finished.wait()
+            app.refresh_panes()
+            await pilot.pause()
+            texts = [entry.text for entry in app.model.log]
+            return texts, app.check_action("kill_forwarder", ())
+
+    texts, kill_allowed = asyncio.run(scenario())
+    assert any("killed (SIGKILL)" in text for text in texts)
+    assert any("fallback" in text for text in texts)
+    assert kill_allowed is False
+
+
+def test_textual_only_in_ui_modules():
+    """Only app.py and panes/ may import Textual; the rest of the package stays UI-free."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] == "panes" or relative.name == "app.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(name == "textual" or name.startswith("textual.") for name in names):
+                offenders.append(f"{relative}:{node.lineno}")
+    assert offenders == []
+
+
+def test_import_check_sees_textual(tmp_path):
+    """The import check above would catch a Textual import (it is not vacuous)."""
+    tree = ast.parse("from textual.app import App\n")
+    node = tree.body[0]
+    assert isinstance(node, ast.ImportFrom) and node.module.startswith("textual")
+    assert os.path.isdir(PACKAGE / "panes")
