@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import reprlib
 import socket
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # A peer must show which framing it speaks within this many seconds of connecting.
 DETECT_TIMEOUT = 2.0
+# Longest OFFER id echoed in TAKEN or REJECTED. The server's ids ("<pid>:<n>") are far
+# shorter, and an unbounded echo could exceed ipc.MAX_PAYLOAD.
+MAX_OFFER_ID = 256
 
 
 @dataclass
@@ -127,6 +131,8 @@ class Forwarder:
         if truncated or len(fds) != 1 or data != ipc.SEED_MESSAGE:
             ipc.close_all(fds)
             reason = f"seed message must be {ipc.SEED_MESSAGE!r} with one fd, got {data[:32]!r} with {len(fds)} fds"
+            if truncated:
+                reason += " and truncated control data (MSG_CTRUNC), so more were sent or this process is out of fds"
             self._report_error(f"rejected message from pid {creds.pid}: {reason}")
             self.events.emit(ev.REJECTED, conn=conn_id, reason=reason, protocol="seed", from_pid=creds.pid)
             return
@@ -322,6 +328,15 @@ class _PeerDetector:
             self.sock.close()
 
 
+def offer_id(payload: dict) -> str | None:
+    """Return the OFFER's id as a string, or None when missing, empty or over MAX_OFFER_ID characters."""
+    raw = payload.get("id")
+    if raw is None:
+        return None
+    text = str(raw)
+    return text if 0 < len(text) <= MAX_OFFER_ID else None
+
+
 class _NativeSession:
     """The forwarder's end of one native channel: HELLO first, then offers."""
 
@@ -331,6 +346,8 @@ class _NativeSession:
         self.channel: Channel | None = None
         self.greeted = False
         self.peer_gen = None
+        # Set when this side has already reported why it closes the channel.
+        self.close_reported = False
 
     def on_frame(self, frame: ipc.Frame) -> None:
         fw = self.forwarder
@@ -347,7 +364,9 @@ class _NativeSession:
         elif frame.type == ipc.VERDICT:
             fw.settle_verdict(str(frame.payload.get("id")), frame.payload.get("owner"))
         elif frame.type == ipc.PING:
-            self.channel.send(ipc.PONG, {"sent_ns": frame.payload.get("sent_ns")})
+            # Echo only an integer, because a long string could re-encode past ipc.MAX_PAYLOAD.
+            sent_ns = frame.payload.get("sent_ns")
+            self.channel.send(ipc.PONG, {"sent_ns": sent_ns if isinstance(sent_ns, int) else None})
         elif frame.type == ipc.BYE:
             log.info("server pid %d closes the channel: %s", self.creds.pid, frame.payload.get("reason", "no reason given"))
         else:
@@ -356,7 +375,7 @@ class _NativeSession:
 
     def _on_hello(self, payload: dict) -> None:
         if payload.get("role") != "server":
-            self._close_with_bye(f"peer introduced itself as {payload.get('role')!r}, expected 'server'")
+            self._close_with_bye(f"peer introduced itself as {reprlib.repr(payload.get('role'))}, expected 'server'")
             return
         self.greeted = True
         self.peer_gen = payload.get("gen")
@@ -375,12 +394,12 @@ class _NativeSession:
 
     def _on_offer(self, frame: ipc.Frame) -> None:
         fw = self.forwarder
-        conn_id = str(frame.payload.get("id", ""))
+        conn_id = offer_id(frame.payload)
         deadline = frame.payload.get("deadline_ns")
         peer_fd = frame.payload.get("fd")
-        if not conn_id or not isinstance(deadline, int):
+        if conn_id is None or not isinstance(deadline, int):
             frame.close_fds()
-            self._reject(conn_id or "?", "OFFER needs a string id and an integer deadline_ns")
+            self._reject(conn_id or "?", f"OFFER needs a string id of 1 to {MAX_OFFER_ID} characters and an integer deadline_ns")
             return
         reason = fw.check_offer(deadline)
         if reason is not None:
@@ -423,14 +442,15 @@ class _NativeSession:
         self.channel.send(ipc.REJECTED, {"id": conn_id, "reason": reason})
 
     def _reject_invalid(self, frame: ipc.Frame) -> None:
-        conn_id = frame.payload.get("id") if frame.type == ipc.OFFER else None
+        conn_id = offer_id(frame.payload) if frame.type == ipc.OFFER else None
         if conn_id is not None and self.greeted:
-            self._reject(str(conn_id), frame.error)
+            self._reject(conn_id, frame.error)
         else:
             self.forwarder._report_error(f"invalid {frame.name} frame from pid {self.creds.pid}: {frame.error}")
 
     def _close_with_bye(self, reason: str) -> None:
         self.forwarder._report_error(f"closing channel from pid {self.creds.pid}: {reason}")
+        self.close_reported = True
         self.channel.send(ipc.BYE, {"reason": reason})
         self.channel.close(reason)
 
@@ -442,3 +462,6 @@ class _NativeSession:
         if self.greeted:
             fw.events.emit(ev.CHANNEL_DOWN, peer_pid=self.creds.pid, reason=reason)
             log.info("channel from server pid %d down: %s", self.creds.pid, reason)
+        elif not self.close_reported and not fw._stopping:
+            # A channel that never got HELLO has no channel_up to pair with channel_down.
+            fw._report_error(f"channel from pid {self.creds.pid} closed before HELLO: {reason}")

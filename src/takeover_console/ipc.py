@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -85,7 +86,7 @@ class Frame:
 
     ``error`` is set when the frame is well delimited but invalid (wrong fd count, bad
     payload, unknown type); such a frame is rejected and its fds closed, and the channel
-    goes on.
+    goes on. ``payload`` is still set when only the fds are wrong.
     """
 
     type: int
@@ -156,8 +157,9 @@ class FrameDecoder:
     def feed(self, message: ReceivedMessage) -> list[Frame]:
         """Add received bytes and fds and return every frame they complete.
 
-        Raises FramingError (after closing all pending fds) when the header is garbled or
-        declares an oversized payload: the stream cannot be resynchronised.
+        Raises FramingError when the header is garbled or declares an oversized payload,
+        because the stream cannot be resynchronised. Before raising, it closes every fd
+        received, including those of frames that this call completed.
         """
         end = self._buffer_offset + len(self._buffer) + len(message.data)
         if message.fds or message.truncated:
@@ -167,11 +169,15 @@ class FrameDecoder:
                 self._batches.append((end - 1, message.fds, message.truncated))
         self._buffer += message.data
         frames = []
-        while True:
-            frame = self._next_frame()
-            if frame is None:
-                return frames
-            frames.append(frame)
+        try:
+            while (frame := self._next_frame()) is not None:
+                frames.append(frame)
+        except FramingError:
+            # The channel closes, so frames completed before the garbage are dropped too.
+            for frame in frames:
+                frame.close_fds()
+            raise
+        return frames
 
     def close(self) -> None:
         """Close the fds of frames that never completed."""
@@ -221,8 +227,16 @@ class FrameDecoder:
 
     @staticmethod
     def _check(frame: Frame, declared_fds: int, truncated: bool, body: bytes) -> str | None:
+        # The payload is parsed before the fd checks, so that an OFFER with the wrong fds
+        # still has the id that its REJECTED must name.
+        payload_error = None
+        if frame.version == PROTOCOL_VERSION:
+            payload_error = FrameDecoder._parse_payload(frame, body)
         if truncated:
-            return f"control data truncated (MSG_CTRUNC): more than {MAX_FDS_PER_MESSAGE} fds sent in one message"
+            return (
+                f"control data truncated (MSG_CTRUNC): more than {MAX_FDS_PER_MESSAGE} fds sent in one "
+                "message, or this process has no free fd number (RLIMIT_NOFILE)"
+            )
         if frame.version != PROTOCOL_VERSION:
             return f"unsupported protocol version {frame.version} (this side speaks {PROTOCOL_VERSION})"
         if declared_fds != len(frame.fds):
@@ -230,15 +244,24 @@ class FrameDecoder:
         expected = FDS_OF_TYPE.get(frame.type, 0)
         if frame.type in FRAME_NAMES and declared_fds != expected:
             return f"{frame.name} frame must carry {expected} fds, not {declared_fds}"
+        if payload_error is not None:
+            return payload_error
+        if frame.type not in FRAME_NAMES:
+            return f"unknown frame type {frame.type}"
+        return None
+
+    @staticmethod
+    def _parse_payload(frame: Frame, body: bytes) -> str | None:
+        """Set frame.payload from the JSON body, or return why the body is invalid."""
         try:
             payload = json.loads(body) if body else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer
+            # than sys.get_int_max_str_digits(); deep nesting raises RecursionError.
             return f"{frame.name} payload is not valid JSON: {exc}"
         if not isinstance(payload, dict):
             return f"{frame.name} payload must be a JSON object, not {type(payload).__name__}"
         frame.payload = payload
-        if frame.type not in FRAME_NAMES:
-            return f"unknown frame type {frame.type}"
         return None
 
     def _fail(self, reason: str) -> None:
@@ -293,7 +316,15 @@ def describe_fd(fd: int) -> str:
         return "character device"
     if not stat.S_ISSOCK(mode):
         return "non-socket file"
-    probe = socket.socket(fileno=os.dup(fd))
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
+        # An O_PATH fd only names the socket file, and every socket call on it fails.
+        return "socket file opened with O_PATH"
+    duplicate = os.dup(fd)
+    try:
+        probe = socket.socket(fileno=duplicate)
+    except OSError as exc:
+        os.close(duplicate)
+        return f"socket that cannot be inspected ({exc.strerror})"
     try:
         family = {socket.AF_INET: "TCP", socket.AF_INET6: "TCP", socket.AF_UNIX: "Unix"}.get(probe.family)
         if probe.type == socket.SOCK_DGRAM:
@@ -328,7 +359,13 @@ def adopt_tcp_connection(fd: int) -> socket.socket:
         kind = describe_fd(fd)
         close_all([fd])
         raise InvalidFd(f"received a {kind}, expected a connected TCP socket")
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        # socket(fileno=...) queries the fd with socket calls, which fail on an O_PATH fd.
+        kind = describe_fd(fd)
+        close_all([fd])
+        raise InvalidFd(f"received a {kind}, expected a connected TCP socket") from None
     ok = (
         sock.family in (socket.AF_INET, socket.AF_INET6)
         and sock.type == socket.SOCK_STREAM
