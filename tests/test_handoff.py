@@ -162,6 +162,8 @@ def _reference_forwarder(listener: socket.socket, served: list, stop: threading.
             data, fds, _, _ = socket.recv_fds(peer, 128, 1)
         assert data == b"forward"
         with socket.socket(fileno=fds[0]) as conn:
+            # O_NONBLOCK belongs to the open file description, so the server's setting came along.
+            conn.settimeout(5)
             conn.recv(1024)
             conn.sendall(ipc.REPLY_BY_FORWARDER)
         served.append(data)

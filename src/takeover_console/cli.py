@@ -180,6 +180,8 @@ def _run_program(args: argparse.Namespace, role: str, factory) -> int:
         events.emit(ev.ERROR, message=str(exc))
         raise
     finally:
+        # Events of the loop's last iteration may still wait for their flush.
+        events.flush()
         events.emit(ev.EXITED, code=code)
         events.close()
 
@@ -234,6 +236,7 @@ def _run_client(args: argparse.Namespace) -> int:
     if args.json:
         print_summary(summary)
     code = 1 if summary.failed else 0
+    events.flush()
     events.emit(ev.EXITED, code=code)
     events.close()
     return code

@@ -8,6 +8,7 @@ docs/events.md is the schema; the console's model consumes this stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -60,21 +61,26 @@ KINDS = frozenset(
 )
 
 
+# One encoder for every event: json.dumps() with separators builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 class EventLog:
     """A JSON-lines event writer bound to one process's role, pid and generation.
 
-    Lines are buffered and written whole, so a reader of a pipe never sees half a line.
-    With ``autoflush`` (the default) every event is flushed at once, which is what a live
-    console wants; a high-rate benchmark can turn it off and call ``flush`` itself.
+    Lines are written whole, so a reader of a pipe never reads half a line. Inside a
+    running asyncio loop the lines of one loop iteration are collected and written with
+    one write() and flush() at the end of it, which keeps event writing off the path of
+    the connection being served; outside a loop every event is flushed at once.
     """
 
-    def __init__(self, stream: IO[str] | None, role: str, generation: int = 1, autoflush: bool = True):
+    def __init__(self, stream: IO[str] | None, role: str, generation: int = 1):
         self._stream = stream
         self.role = role
         self.pid = os.getpid()
         self.generation = generation
-        self._autoflush = autoflush
         self._broken = False
+        self._pending: list[str] = []
 
     @classmethod
     def open(cls, target: str | None, role: str, generation: int = 1) -> "EventLog":
@@ -104,23 +110,28 @@ class EventLog:
             "kind": kind,
         }
         record.update(fields)
+        self._pending.append(_ENCODER.encode(record))
+        if len(self._pending) > 1:
+            return  # a flush is already scheduled
         try:
-            self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
-            if self._autoflush:
-                self._stream.flush()
-        except (BrokenPipeError, ValueError, OSError) as exc:
-            # The reader went away (console closed the pipe): keep serving, stop writing.
-            self._broken = True
-            log.warning("event stream closed (%s); further events are dropped", exc)
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:
+            self.flush()
 
     def flush(self) -> None:
-        """Flush buffered events."""
-        if self._stream is None or self._broken:
+        """Write and flush the events collected so far."""
+        if not self._pending or self._stream is None or self._broken:
+            self._pending.clear()
             return
+        lines = "\n".join(self._pending) + "\n"
+        self._pending.clear()
         try:
+            self._stream.write(lines)
             self._stream.flush()
-        except (BrokenPipeError, ValueError, OSError):
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            # The reader went away (the console closed the pipe): keep serving, stop writing.
             self._broken = True
+            log.warning("event stream closed (%s); further events are dropped", exc)
 
     def close(self) -> None:
         """Flush and close the stream unless it is stdout."""

@@ -24,7 +24,7 @@ from takeover_console.events import EventLog
 from takeover_console.handoff_link import uid_allowed
 from takeover_console.lifecycle import install_stop_signals
 from takeover_console.logs import RepeatLimiter, repeats_note
-from takeover_console.serving import serve_connection
+from takeover_console.serving import ServeResult, serve_connection, serve_now
 from takeover_console.socketfile import BoundSocket, bind_unix_listener
 
 log = logging.getLogger(__name__)
@@ -161,28 +161,37 @@ class Forwarder:
         return None
 
     def _take(self, sock: socket.socket, conn_id: str, from_pid: int, peer_fd: int | None, protocol: str) -> None:
-        fd = sock.fileno()
-        self.events.emit(
-            ev.TAKEN,
-            conn=conn_id,
-            fd=fd,
-            inode=ipc.socket_inode(fd),
-            peer=ipc.format_address(sock.getpeername()),
-            from_pid=from_pid,
-            peer_fd=peer_fd,
-            protocol=protocol,
-        )
-        self.serve(sock, conn_id)
+        peer = ipc.format_address(sock.getpeername()) if self.events.enabled else None
+        self.take_and_serve(sock, conn_id, {"peer": peer, "from_pid": from_pid, "peer_fd": peer_fd, "protocol": protocol})
 
-    def serve(self, sock: socket.socket, conn_id: str) -> None:
-        """Serve a connection this forwarder owns."""
-        task = self._loop.create_task(self._serve(sock, conn_id, time.monotonic_ns()))
+    def take_and_serve(self, sock: socket.socket, conn_id: str, taken: dict) -> None:
+        """Emit ``taken`` for a connection this forwarder now owns, and serve it.
+
+        The reply goes out before any event is written when the request is already
+        there, so event writing stays off the client's path.
+        """
+        fd = sock.fileno()
+        inode = ipc.socket_inode(fd) if self.events.enabled else None
+        taken_ns = time.monotonic_ns()
+        result = serve_now(sock, ipc.REPLY_BY_FORWARDER)
+        self.events.emit(ev.TAKEN, conn=conn_id, fd=fd, inode=inode, **taken)
+        if result is not None:
+            self._report_served(conn_id, fd, taken_ns, result)
+        else:
+            self.serve(sock, conn_id, taken_ns)
+
+    def serve(self, sock: socket.socket, conn_id: str, taken_ns: int | None = None) -> None:
+        """Serve a connection this forwarder owns, in a task that waits for its request."""
+        task = self._loop.create_task(self._serve(sock, conn_id, taken_ns or time.monotonic_ns()))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
 
     async def _serve(self, sock: socket.socket, conn_id: str, taken_ns: int) -> None:
         fd = sock.fileno()
         result = await serve_connection(sock, ipc.REPLY_BY_FORWARDER, self.config.read_timeout)
+        self._report_served(conn_id, fd, taken_ns, result)
+
+    def _report_served(self, conn_id: str, fd: int, taken_ns: int, result: ServeResult) -> None:
         if result.served:
             latency_ms = (time.monotonic_ns() - taken_ns) / 1e6
             self.events.emit(ev.SERVED, conn=conn_id, fd=fd, bytes_in=result.bytes_in, latency_ms=round(latency_ms, 3))
@@ -413,25 +422,16 @@ class _NativeSession:
             return
         fd = sock.fileno()
         self.channel.send(ipc.TAKEN, {"id": conn_id, "fd": fd})
-        late = time.monotonic_ns() >= deadline
-        fw.events.emit(
-            ev.TAKEN,
-            conn=conn_id,
-            fd=fd,
-            inode=ipc.socket_inode(fd),
-            peer=frame.payload.get("peer"),
-            from_pid=self.creds.pid,
-            peer_fd=peer_fd,
-            protocol="native",
-        )
-        if late:
+        taken = {"peer": frame.payload.get("peer"), "from_pid": self.creds.pid, "peer_fd": peer_fd, "protocol": "native"}
+        if time.monotonic_ns() >= deadline:
             # TAKEN may have reached the server after it gave up: ask before serving.
             log.warning("TAKEN for %s was sent after its deadline; asking the server who serves it", conn_id)
+            fw.events.emit(ev.TAKEN, conn=conn_id, fd=fd, inode=ipc.socket_inode(fd), **taken)
             fw.park_for_verdict(conn_id, sock, self.creds.pid)
             self.channel.send(ipc.QUERY, {"id": conn_id})
             fw.events.emit(ev.QUERIED, conn=conn_id, fd=fd)
             return
-        fw.serve(sock, conn_id)
+        fw.take_and_serve(sock, conn_id, taken)
 
     def _reject(self, conn_id: str, reason: str) -> None:
         fw = self.forwarder

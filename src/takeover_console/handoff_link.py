@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 2.0
 # Offers whose owner is remembered, for answering QUERY after a late TAKEN.
 REMEMBERED_OUTCOMES = 16384
+# Our ids are "<pid>:<n>"; a longer id in QUERY is not ours and is not echoed back.
+MAX_ID_LENGTH = 64
 
 Fallback = Callable[["Connection", str], None]
 
@@ -164,8 +166,11 @@ class NativeLink:
         timer = self._loop.call_at(deadline / 1e9, self._on_deadline, conn.id)
         self.pending[conn.id] = PendingOffer(conn, now, deadline, timer)
         self._idle.clear()
-        self.events.emit(ev.OFFERED, conn=conn.id, fd=conn.fd, inode=conn.inode)
         return None
+
+    def report_offered(self, conn: "Connection") -> None:
+        """Emit the event of an offer that dispatch() sent."""
+        self.events.emit(ev.OFFERED, conn=conn.id, fd=conn.fd, inode=conn.inode)
 
     def _on_deadline(self, conn_id: str) -> None:
         offer = self.pending.get(conn_id)
@@ -251,6 +256,9 @@ class NativeLink:
 
     def _on_query(self, payload: dict) -> None:
         conn_id = str(payload.get("id"))
+        if len(conn_id) > MAX_ID_LENGTH:
+            log.warning("QUERY with an id of %d characters ignored (limit %d)", len(conn_id), MAX_ID_LENGTH)
+            return
         owner = self._owners.get(conn_id, "server")
         self.events.emit(ev.QUERIED, conn=conn_id, owner=owner)
         log.info("forwarder asked who serves %s: %s", conn_id, owner)
@@ -343,10 +351,13 @@ class SeedLink:
             return "no forwarder"
         finally:
             dialer.close()
-        self.events.emit(ev.OFFERED, conn=conn.id, fd=conn.fd, inode=conn.inode, protocol="seed")
         conn.sock.close()
-        self.events.emit(ev.RELEASED, conn=conn.id, fd=conn.fd)
         return None
+
+    def report_offered(self, conn: "Connection") -> None:
+        """Emit the events of a seed handoff: sent, and the server's copy already closed."""
+        self.events.emit(ev.OFFERED, conn=conn.id, fd=conn.fd, inode=conn.inode, protocol="seed")
+        self.events.emit(ev.RELEASED, conn=conn.id, fd=conn.fd)
 
     async def wait_idle(self, timeout: float) -> None:
         """Seed handoffs finish inside dispatch(); nothing is ever pending."""

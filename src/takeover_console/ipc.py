@@ -48,9 +48,9 @@ TAKEN = 3  # forwarder -> server: the forwarder owns and serves the connection
 REJECTED = 4  # forwarder -> server: the server keeps and serves the connection
 BYE = 5  # either direction, last frame before a deliberate close, with a reason
 QUERY = 6  # forwarder -> server: who serves this offer? (sent when TAKEN may have been late)
-VERDICT = 7  # server -> forwarder: answer to QUERY, owner "forwarder" or "server"
+VERDICT = 7  # server -> forwarder: reply to QUERY, owner "forwarder" or "server"
 PING = 8  # server -> forwarder: health check after an offer timed out
-PONG = 9  # forwarder -> server: answer to PING
+PONG = 9  # forwarder -> server: reply to PING
 
 FRAME_NAMES = {
     HELLO: "HELLO",
@@ -108,7 +108,7 @@ class Frame:
 
 @dataclass
 class ReceivedMessage:
-    """What one recvmsg() returned: data bytes, fds from SCM_RIGHTS, and MSG_CTRUNC."""
+    """The result of one recvmsg(): data bytes, fds from SCM_RIGHTS, and MSG_CTRUNC."""
 
     data: bytes
     fds: list[int]
@@ -161,6 +161,9 @@ class FrameDecoder:
         because the stream cannot be resynchronised. Before raising, it closes every fd
         received, including those of frames that this call completed.
         """
+        frame = self._whole_frame(message)
+        if frame is not None:
+            return [frame]
         end = self._buffer_offset + len(self._buffer) + len(message.data)
         if message.fds or message.truncated:
             if not message.data:
@@ -185,6 +188,25 @@ class FrameDecoder:
             close_all(fds)
         self._batches = []
         self._buffer.clear()
+
+    def _whole_frame(self, message: ReceivedMessage) -> Frame | None:
+        """Decode a message that is exactly one whole valid-looking frame, the common case.
+
+        It skips the buffer and the fd bookkeeping of the general path; any message that
+        is not exactly one frame with a sane header returns None and takes that path.
+        """
+        data = message.data
+        if self._buffer or self._batches or len(data) < HEADER_SIZE or data[:4] != MAGIC:
+            return None
+        _, version, frame_type, fd_count, length = HEADER.unpack_from(data)
+        if length > MAX_PAYLOAD or HEADER_SIZE + length != len(data):
+            return None
+        self._buffer_offset += len(data)
+        frame = Frame(type=frame_type, version=version, payload={}, fds=message.fds)
+        frame.error = self._check(frame, fd_count, message.truncated, data[HEADER_SIZE:])
+        if frame.error is not None:
+            frame.close_fds()
+        return frame
 
     def _next_frame(self) -> Frame | None:
         buffered = len(self._buffer)
@@ -269,6 +291,18 @@ class FrameDecoder:
         raise FramingError(reason)
 
 
+# Plain ints, computed once: receive_message() runs for every frame.
+_CONTROL_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * FD_SIZE)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+# CPython warns when a control message was cut short; MSG_CTRUNC reports the same thing,
+# and the frame is rejected for it. A filter set once is far cheaper than catch_warnings()
+# around every recvmsg().
+warnings.filterwarnings("ignore", message=".*ancillary data.*", category=RuntimeWarning)
+
+
 def receive_message(sock: socket.socket, max_fds: int = MAX_FDS_PER_MESSAGE) -> ReceivedMessage:
     """Read once from a Unix stream socket with MSG_CMSG_CLOEXEC and collect SCM_RIGHTS fds.
 
@@ -276,18 +310,17 @@ def receive_message(sock: socket.socket, max_fds: int = MAX_FDS_PER_MESSAGE) -> 
     leak into a child process. socket.recv_fds() of Python 3.11 drops its flags argument,
     so it cannot be used for this. Raises BlockingIOError when nothing is ready.
     """
-    with warnings.catch_warnings():
-        # CPython warns about a truncated cmsg; MSG_CTRUNC reports the same thing.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        data, ancdata, flags, _ = sock.recvmsg(
-            RECV_BUFFER, socket.CMSG_SPACE(max_fds * FD_SIZE), socket.MSG_CMSG_CLOEXEC
-        )
+    if max_fds == MAX_FDS_PER_MESSAGE:
+        control_size = _CONTROL_SIZE
+    else:
+        control_size = socket.CMSG_SPACE(max_fds * FD_SIZE)
+    data, ancdata, flags, _ = sock.recvmsg(RECV_BUFFER, control_size, _MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             whole = len(cdata) - len(cdata) % FD_SIZE
             fds.extend(array.array("i", cdata[:whole]))
-    return ReceivedMessage(data=data, fds=fds, truncated=bool(flags & socket.MSG_CTRUNC))
+    return ReceivedMessage(data=data, fds=fds, truncated=bool(flags & _MSG_CTRUNC))
 
 
 def send_message(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> int:
@@ -352,28 +385,17 @@ def adopt_tcp_connection(fd: int) -> socket.socket:
     On any mismatch the fd is closed and InvalidFd says what it was instead.
     """
     try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        raise InvalidFd(f"fd {fd} is unusable: {exc.strerror}") from None
-    if not stat.S_ISSOCK(mode):
-        kind = describe_fd(fd)
-        close_all([fd])
-        raise InvalidFd(f"received a {kind}, expected a connected TCP socket")
-    try:
+        # socket(fileno=...) reads family, type and protocol with getsockopt(), and fails
+        # for an fd that is not a socket or is an O_PATH fd of a socket file.
         sock = socket.socket(fileno=fd)
     except OSError:
-        # socket(fileno=...) queries the fd with socket calls, which fail on an O_PATH fd.
         kind = describe_fd(fd)
         close_all([fd])
         raise InvalidFd(f"received a {kind}, expected a connected TCP socket") from None
-    ok = (
-        sock.family in (socket.AF_INET, socket.AF_INET6)
-        and sock.type == socket.SOCK_STREAM
-        and sock.proto in (0, socket.IPPROTO_TCP)
-        and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    )
+    ok = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM and sock.proto in (0, socket.IPPROTO_TCP)
     if ok:
         try:
+            # Fails with ENOTCONN for a listening or an unconnected socket.
             sock.getpeername()
         except OSError:
             ok = False

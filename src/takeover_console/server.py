@@ -23,7 +23,7 @@ from takeover_console.ipc import REPLY_BY_SERVER, format_address, socket_inode
 from takeover_console.lifecycle import install_stop_signals
 from takeover_console.logs import RepeatLimiter, repeats_note
 from takeover_console.netaddr import open_tcp_listener
-from takeover_console.serving import serve_connection
+from takeover_console.serving import ServeResult, serve_connection, serve_now
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +140,17 @@ class Server:
             id=f"{self.events.pid}:{self._sequence}",
             sock=sock,
             fd=fd,
-            inode=socket_inode(fd),
+            inode=socket_inode(fd) if self.events.enabled else None,
             peer=format_address(address),
             local=self.local_address,
             accepted_ns=time.monotonic_ns(),
         )
-        self.events.emit(ev.ACCEPTED, conn=conn.id, peer=conn.peer, local=conn.local, fd=fd, inode=conn.inode)
         reason = self.link.dispatch(conn)
-        if reason is not None:
+        # Events are written after the handoff, so their cost is not on the client's path.
+        self.events.emit(ev.ACCEPTED, conn=conn.id, peer=conn.peer, local=conn.local, fd=fd, inode=conn.inode)
+        if reason is None:
+            self.link.report_offered(conn)
+        else:
             self.fallback(conn, reason)
 
     def _pause_accepting(self, exc: OSError) -> None:
@@ -165,13 +168,20 @@ class Server:
 
     def fallback(self, conn: Connection, reason: str) -> None:
         """Serve ``conn`` in this process because the forwarder will not."""
+        result = serve_now(conn.sock, REPLY_BY_SERVER)
         self.events.emit(ev.FALLBACK, conn=conn.id, fd=conn.fd, reason=reason)
+        if result is not None:
+            self._report_served(conn, result)
+            return
         task = self._loop.create_task(self._serve(conn))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
 
     async def _serve(self, conn: Connection) -> None:
         result = await serve_connection(conn.sock, REPLY_BY_SERVER, self.config.read_timeout)
+        self._report_served(conn, result)
+
+    def _report_served(self, conn: Connection, result: ServeResult) -> None:
         if result.served:
             latency_ms = (time.monotonic_ns() - conn.accepted_ns) / 1e6
             self.events.emit(ev.SERVED, conn=conn.id, fd=conn.fd, bytes_in=result.bytes_in, latency_ms=round(latency_ms, 3))
