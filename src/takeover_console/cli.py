@@ -16,6 +16,7 @@ from takeover_console.lifecycle import exit_with_parent
 from takeover_console.logs import setup_logging
 from takeover_console.netaddr import AddressError, parse_host_port
 from takeover_console.socketfile import SocketFileError, default_handoff_path
+from takeover_console.takeover import TakeoverError
 
 log = logging.getLogger("takeover_console")
 
@@ -86,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     server = commands.add_parser("server", help="accept TCP connections and hand each one to the forwarder", description="Accept TCP connections and hand each accepted fd to the forwarder; serve it here when the forwarder is absent, slow or refuses.")
-    server.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="HOST:PORT", help=f"TCP address to accept on; port 0 picks a free port (default: {DEFAULT_ADDRESS})")
+    server.add_argument("--listen", action="append", metavar="HOST:PORT", help=f"TCP address to accept on; port 0 picks a free port; repeat for several listeners (default: {DEFAULT_ADDRESS})")
+    server.add_argument("--control", metavar="PATH", help="control socket for listener takeover (default: control-HOST-PORT.sock in the private runtime directory)")
+    server.add_argument("--takeover", action="store_true", help="take the listening sockets over from the server running at --control (or the default control path of --listen), instead of binding")
+    server.add_argument("--ready-timeout", type=_positive_float, default=5.0, help="seconds a takeover may take from request to READY before the old server aborts it (default: 5)")
+    server.add_argument("--inject-fault", choices=["crash-before-ready", "hang-before-ready", "slow-drain"], help="misbehave on purpose, for tests and demos: crash or hang as a new generation before READY, or stop answering while draining")
     server.add_argument("--handoff", metavar="PATH", help="the forwarder's Unix socket (default: handoff.sock in the private runtime directory)")
     server.add_argument("--protocol", choices=["native", "seed"], default="native", help="native: persistent acknowledged channel; seed: the reference demo's framing, one dial per connection (default: native)")
     server.add_argument("--reply-timeout", type=_positive_float, default=300.0, metavar="MS", help="milliseconds to wait for TAKEN or REJECTED before serving a connection here (default: 300)")
@@ -97,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     forwarder = commands.add_parser("forwarder", help="receive connections over the handoff socket and serve them", description="Receive accepted TCP connections over a Unix socket (native or seed framing) and serve them.")
     forwarder.add_argument("--handoff", metavar="PATH", help="Unix socket to listen on (default: handoff.sock in the private runtime directory)")
+    forwarder.add_argument("--takeover", action="store_true", help="take the handoff socket over from the forwarder running at --handoff, instead of binding it")
+    forwarder.add_argument("--ready-timeout", type=_positive_float, default=5.0, help="seconds a takeover may take from request to READY before the old forwarder aborts it (default: 5)")
     forwarder.add_argument("--max-connections", type=_positive_int, default=1000, help="connections served at once; offers beyond it are rejected (default: 1000)")
     _add_process(forwarder)
     _add_common(forwarder)
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             from takeover_console.console import run_replay
 
             return run_replay(args)
-    except (AddressError, SocketFileError) as exc:
+    except (AddressError, SocketFileError, TakeoverError) as exc:
         print(f"takeover-console {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -176,7 +183,7 @@ def _run_program(args: argparse.Namespace, role: str, factory) -> int:
     try:
         code = asyncio.run(_run_async(factory, events))
         return code
-    except (AddressError, SocketFileError) as exc:
+    except (AddressError, SocketFileError, TakeoverError) as exc:
         events.emit(ev.ERROR, message=str(exc))
         raise
     finally:
@@ -194,10 +201,13 @@ async def _run_async(factory, events: EventLog) -> int:
 def _run_server(args: argparse.Namespace) -> int:
     from takeover_console.server import Server, ServerConfig
 
-    host, port = parse_host_port(args.listen, "--listen")
+    listen = [parse_host_port(text, "--listen") for text in (args.listen or [DEFAULT_ADDRESS])]
     config = ServerConfig(
-        host=host,
-        port=port,
+        listen=listen,
+        control_path=Path(args.control) if args.control else None,
+        takeover=args.takeover,
+        ready_timeout=args.ready_timeout,
+        inject_fault=args.inject_fault,
         handoff_path=_handoff_path(args),
         protocol=args.protocol,
         reply_timeout=args.reply_timeout / 1000,
@@ -219,6 +229,8 @@ def _run_forwarder(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
         allowed_uids=frozenset(args.allow_uid or ()),
+        takeover=args.takeover,
+        ready_timeout=args.ready_timeout,
     )
     return _run_program(args, "forwarder", lambda events: Forwarder(config, events))
 

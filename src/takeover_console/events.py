@@ -43,6 +43,10 @@ RELEASED = "released"
 # The forwarder asked the server who serves an offer whose TAKEN may have been late.
 QUERIED = "queried"
 
+# Listener takeover, with a "phase" field: requested, fds_sent, fds_received, ready,
+# draining, drained, aborted or refused.
+TAKEOVER = "takeover"
+
 # The server's slow motion for demos was switched on or off.
 SLOW_MOTION = "slow_motion"
 
@@ -56,7 +60,7 @@ KINDS = frozenset(
         STARTED, LISTENING, STOPPING, EXITED, ERROR,
         CHANNEL_UP, CHANNEL_DOWN, PEER_REFUSED,
         ACCEPTED, OFFERED, TAKEN, REJECTED, FALLBACK, SERVED, CLOSED, RELEASED, QUERIED,
-        ANSWERED, FAILED, SUMMARY, SLOW_MOTION,
+        ANSWERED, FAILED, SUMMARY, SLOW_MOTION, TAKEOVER,
     }
 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import reprlib
 import socket
 import time
@@ -26,6 +27,7 @@ from takeover_console.lifecycle import install_stop_signals
 from takeover_console.logs import RepeatLimiter, repeats_note
 from takeover_console.serving import ServeResult, serve_connection, serve_now
 from takeover_console.socketfile import BoundSocket, bind_unix_listener
+from takeover_console.takeover import DonorSession, Inheritance, TakeoverError, inherit, refuse_busy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class ForwarderConfig:
     drain_timeout: float = 5.0
     max_connections: int = 1000
     allowed_uids: frozenset[int] = field(default_factory=frozenset)
+    takeover: bool = False
+    ready_timeout: float = 5.0
 
 
 class Forwarder:
@@ -62,6 +66,12 @@ class Forwarder:
         self._peers: set[_PeerDetector] = set()
         self._awaiting_verdict: dict[str, tuple[socket.socket, int]] = {}
         self._errors = RepeatLimiter()
+        self._donor: DonorSession | None = None
+        self._handed_over = False
+        self._sessions: set[_NativeSession] = set()
+        self.served_total = 0
+        self._cut_last_drain = 0
+        self._shut_down = False
 
     @property
     def serving_count(self) -> int:
@@ -72,19 +82,92 @@ class Forwarder:
         """Serve until a stop signal, then drain; return the exit status."""
         # Before "listening" is announced, so a supervisor's SIGTERM always finds a handler.
         install_stop_signals(self._stop)
-        self.bound = bind_unix_listener(self.config.handoff_path)
+        inheritance = None
+        if self.config.takeover:
+            inheritance = await self._inherit()
+        else:
+            self.bound = bind_unix_listener(self.config.handoff_path)
         self.bound.sock.setblocking(False)
         fd = self.bound.sock.fileno()
         self.events.emit(ev.LISTENING, path=str(self.bound.path), fd=fd, inode=ipc.socket_inode(fd))
         log.info("listening for handoffs on %s", self.bound.path)
         self._loop.add_reader(fd, self._on_acceptable)
+        if inheritance is not None:
+            inheritance.ready()
+            self.events.emit(ev.TAKEOVER, phase="ready", peer_pid=inheritance.old_pid)
+            log.info("took over %s from pid %d as generation %d", self.bound.path, inheritance.old_pid, self.events.generation)
+            asyncio.create_task(self._await_drained(inheritance), name="await-drained")
         try:
             await self._stop.wait()
             await self._shutdown()
         finally:
-            if self.bound.remove_file():
+            # After a takeover the file belongs to the new generation: only the last owner removes it.
+            if not self._handed_over and self.bound.remove_file():
                 log.info("removed socket file %s", self.bound.path)
         return 0
+
+    async def _inherit(self) -> Inheritance:
+        path = self.config.handoff_path
+        inheritance = await inherit(str(path), "forwarder", self.events, self.config.allowed_uids)
+        self.events.generation = inheritance.old_generation + 1
+        unix = [(sock, description) for sock, description in inheritance.listeners if description.get("family") == "unix"]
+        if len(unix) != 1:
+            inheritance.abort(f"expected one Unix listener, got {len(inheritance.listeners)} sockets")
+            raise TakeoverError(f"takeover failed: the old forwarder sent {len(inheritance.listeners)} sockets, expected its one handoff listener")
+        info = os.stat(path)
+        self.bound = BoundSocket(sock=unix[0][0], path=Path(path), device=info.st_dev, inode=info.st_ino)
+        inodes = [ipc.socket_inode(unix[0][0].fileno())]
+        self.events.emit(ev.TAKEOVER, phase="fds_received", peer_pid=inheritance.old_pid, count=1, inodes=inodes)
+        return inheritance
+
+    async def _await_drained(self, inheritance: Inheritance) -> None:
+        outcome = await inheritance.drained
+        if "closed" in outcome:
+            log.warning("old forwarder pid %d closed the takeover channel without DRAINED: %s", inheritance.old_pid, outcome["closed"])
+            return
+        self.events.emit(ev.TAKEOVER, phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
+        log.info("old forwarder pid %d drained: %s served, %s cut off", inheritance.old_pid, outcome.get("served"), outcome.get("cut"))
+
+    # Takeover: this process as the old generation.
+
+    def start_donation(self, channel: Channel, peer_pid: int) -> DonorSession | None:
+        """Hand the handoff listener to a new forwarder, unless one takeover already runs."""
+        if self._donor is not None or self._stopping:
+            refuse_busy(channel, self.events, peer_pid)
+            return None
+        session = DonorSession(
+            channel, self.events, [self.bound.sock], peer_pid, self.config.ready_timeout,
+            on_ready=self._on_successor_ready, on_end=self._on_donor_end,
+        )
+        self._donor = session
+        session.start()
+        return session
+
+    def _on_donor_end(self, session: DonorSession) -> None:
+        if self._donor is session and not session.ready:
+            self._donor = None
+
+    def _on_successor_ready(self, session: DonorSession) -> None:
+        # The new forwarder accepts on the same socket now. Servers move their channels to
+        # it when told with MIGRATE; until they do, offers on the old channels are served here.
+        self._handed_over = True
+        self._loop.remove_reader(self.bound.sock.fileno())
+        for native in list(self._sessions):
+            if native.greeted and native.channel is not None and not native.channel.closed:
+                native.channel.send(ipc.MIGRATE, {"successor_pid": session.peer_pid})
+        asyncio.create_task(self._drain_after_handover(session), name="drain-after-handover")
+
+    async def _drain_after_handover(self, session: DonorSession) -> None:
+        self.events.emit(ev.TAKEOVER, phase="draining", peer_pid=session.peer_pid, in_flight=self.serving_count)
+        served_before = self.served_total
+        deadline = self._loop.time() + self.config.drain_timeout
+        # Servers close their old channels once their new ones are up; wait for that.
+        while any(native.greeted and not native.channel.closed for native in self._sessions) and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await self._shutdown()
+        cut = self._cut_last_drain
+        session.finish(served=self.served_total - served_before, cut=cut)
+        self._stop.set()
 
     def request_stop(self) -> None:
         """Begin a graceful stop, as SIGTERM does."""
@@ -121,6 +204,7 @@ class Forwarder:
 
     def _start_native(self, sock: socket.socket, creds: ipc.PeerCredentials, received: list[ipc.ReceivedMessage]) -> None:
         session = _NativeSession(self, creds)
+        self._sessions.add(session)
         channel = Channel(sock, session.on_frame, session.on_close, f"channel from server pid {creds.pid}")
         session.channel = channel
         self._channels.add(channel)
@@ -192,6 +276,7 @@ class Forwarder:
         self._report_served(conn_id, fd, taken_ns, result)
 
     def _report_served(self, conn_id: str, fd: int, taken_ns: int, result: ServeResult) -> None:
+        self.served_total += 1
         if result.served:
             latency_ms = (time.monotonic_ns() - taken_ns) / 1e6
             self.events.emit(ev.SERVED, conn=conn_id, fd=fd, bytes_in=result.bytes_in, latency_ms=round(latency_ms, 3))
@@ -232,16 +317,21 @@ class Forwarder:
         self._channels.discard(item)
 
     async def _shutdown(self) -> None:
+        if self._shut_down:
+            return
+        self._shut_down = True
         self._stopping = True
-        self.events.emit(ev.STOPPING, in_flight=self.serving_count)
+        self.events.emit(ev.STOPPING, in_flight=self.serving_count, handed_over=self._handed_over)
         log.info("stopping: refusing new handoffs; draining %d connections", self.serving_count)
         self._loop.remove_reader(self.bound.sock.fileno())
         self.bound.sock.close()
-        if self.bound.remove_file():
+        if not self._handed_over and self.bound.remove_file():
             log.info("removed socket file %s", self.bound.path)
         for peer in list(self._peers):
             peer.close()
         for channel in list(self._channels):
+            if self._donor is not None and channel is self._donor.channel:
+                continue  # the takeover channel carries DRAINED once the drain is over
             # Offers still unread are closed with the channel; the server serves them.
             channel.poll()
             channel.send(ipc.BYE, {"reason": "forwarder stopping"})
@@ -253,6 +343,7 @@ class Forwarder:
         cut = [task for task in self._serving if not task.done()]
         for task in cut:
             task.cancel()
+        self._cut_last_drain = len(cut)
         if cut:
             log.warning("drain timeout of %g s reached: cut off %d connections", self.config.drain_timeout, len(cut))
             await asyncio.gather(*cut, return_exceptions=True)
@@ -357,9 +448,14 @@ class _NativeSession:
         self.peer_gen = None
         # Set when this side has already reported why it closes the channel.
         self.close_reported = False
+        # Set when the peer is a new forwarder taking the listener over.
+        self.donation: DonorSession | None = None
 
     def on_frame(self, frame: ipc.Frame) -> None:
         fw = self.forwarder
+        if self.donation is not None:
+            self.donation.on_frame(frame)
+            return
         if frame.error is not None:
             self._reject_invalid(frame)
             return
@@ -377,12 +473,17 @@ class _NativeSession:
             sent_ns = frame.payload.get("sent_ns")
             self.channel.send(ipc.PONG, {"sent_ns": sent_ns if isinstance(sent_ns, int) else None})
         elif frame.type == ipc.BYE:
+            # Every offer sent before BYE has been answered, since frames are handled in order.
             log.info("server pid %d closes the channel: %s", self.creds.pid, frame.payload.get("reason", "no reason given"))
+            self.channel.close(f"server said BYE: {frame.payload.get('reason', 'no reason given')}")
         else:
             frame.close_fds()
             fw._report_error(f"unexpected {frame.name} frame from server pid {self.creds.pid}; ignored")
 
     def _on_hello(self, payload: dict) -> None:
+        if payload.get("role") == "forwarder" and payload.get("intent") == ipc.INTENT_TAKEOVER:
+            self.donation = self.forwarder.start_donation(self.channel, self.creds.pid)
+            return
         if payload.get("role") != "server":
             self._close_with_bye(f"peer introduced itself as {reprlib.repr(payload.get('role'))}, expected 'server'")
             return
@@ -455,6 +556,10 @@ class _NativeSession:
         self.channel.close(reason)
 
     def on_close(self, reason: str) -> None:
+        self.forwarder._sessions.discard(self)
+        if self.donation is not None:
+            self.donation.on_close(reason)
+            return
         fw = self.forwarder
         if self.channel is not None:
             fw.forget(self.channel)

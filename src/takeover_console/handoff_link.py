@@ -51,6 +51,16 @@ def uid_allowed(uid: int, allowed: frozenset[int]) -> bool:
 
 
 @dataclass
+class ForwarderChannel:
+    """One channel to one forwarder process, with the futures of its HELLO and its close."""
+
+    channel: Channel
+    peer_pid: int
+    hello: asyncio.Future
+    closed: asyncio.Future
+
+
+@dataclass
 class PendingOffer:
     """An offer sent and not yet answered; the server still holds the connection."""
 
@@ -58,47 +68,79 @@ class PendingOffer:
     sent_ns: int
     deadline_ns: int
     timer: asyncio.TimerHandle
+    via: ForwarderChannel
 
 
 class NativeLink:
-    """The persistent, acknowledged channel to the forwarder, reconnected with backoff."""
+    """The persistent, acknowledged channel to the forwarder, reconnected with backoff.
+
+    During a forwarder takeover the old forwarder sends MIGRATE: the link opens a second
+    channel on the same path (the new forwarder accepts there now), makes it current, and
+    says BYE on the old one, which the old forwarder closes once it has answered every
+    offer sent on it. Offers are tracked per channel, so closing one channel falls back
+    only the offers sent on it.
+    """
 
     def __init__(self, config: "ServerConfig", events: EventLog, fallback: Fallback):
         self.config = config
         self.events = events
         self._fallback = fallback
         self._loop = asyncio.get_running_loop()
-        self.channel: Channel | None = None
-        self.ready = False
+        self.current: ForwarderChannel | None = None
         # Set when an offer timed out; cleared by any frame from the forwarder.
         self.unresponsive = False
         self.pending: dict[str, PendingOffer] = {}
         self._owners: OrderedDict[str, str] = OrderedDict()
-        self._hello: asyncio.Future | None = None
-        self._closed: asyncio.Future | None = None
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._migrating = False
         self._connect_errors = RepeatLimiter(interval=10.0)
         self._frame_errors = RepeatLimiter()
+
+    @property
+    def ready(self) -> bool:
+        """True while a channel to a forwarder is up."""
+        return self.current is not None and not self.current.channel.closed
+
+    @property
+    def channel(self) -> Channel | None:
+        """The current channel, if any."""
+        return self.current.channel if self.current is not None else None
 
     @property
     def pending_count(self) -> int:
         """Offers waiting for an answer."""
         return len(self.pending)
 
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the channel; return True when it is up.
+
+        Returns at once when no forwarder is listening, since waiting would not bring one.
+        """
+        deadline = self._loop.time() + timeout
+        while not self.ready and self._loop.time() < deadline:
+            if not os.path.exists(self.config.handoff_path):
+                return False
+            await asyncio.sleep(0.01)
+        return self.ready
+
     async def run(self) -> None:
         """Keep a channel to the forwarder up, reconnecting with capped exponential backoff."""
         delay = self.config.reconnect_min
         while not self._stopping:
-            connected = await self._connect_and_serve()
-            if connected:
-                delay = self.config.reconnect_min
-            else:
+            opened = await self._open_channel()
+            if opened is None:
                 delay = min(delay * 2, self.config.reconnect_max)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.0))
+                await asyncio.sleep(delay * random.uniform(0.8, 1.0))
+                continue
+            delay = self.config.reconnect_min
+            self._make_current(opened)
+            # A migration replaces the current channel; wait until the current one closes.
+            while self.current is not None and not self.current.closed.done():
+                await asyncio.shield(self.current.closed)
 
-    async def _connect_and_serve(self) -> bool:
+    async def _open_channel(self) -> ForwarderChannel | None:
         path = str(self.config.handoff_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -109,7 +151,7 @@ class NativeLink:
             suppressed = self._connect_errors.check(f"{exc.errno}")
             if suppressed is not None:
                 log.info("forwarder unreachable at %s: %s; serving connections here%s", path, exc.strerror, repeats_note(suppressed))
-            return False
+            return None
         creds = ipc.peer_credentials(sock)
         if not uid_allowed(creds.uid, self.config.allowed_uids):
             sock.close()
@@ -118,53 +160,58 @@ class NativeLink:
             if suppressed is not None:
                 log.warning("refusing forwarder pid %d at %s: %s%s", creds.pid, path, reason, repeats_note(suppressed))
             self.events.emit(ev.PEER_REFUSED, peer_pid=creds.pid, peer_uid=creds.uid, path=path, reason=reason)
-            return False
+            return None
 
-        self._hello = self._loop.create_future()
-        self._closed = self._loop.create_future()
-        self.channel = Channel(sock, self._on_frame, self._on_close, name=f"channel to forwarder pid {creds.pid}")
-        self.channel.start()
-        self.channel.send(ipc.HELLO, {"version": ipc.PROTOCOL_VERSION, "role": "server", "pid": self.events.pid, "gen": self.events.generation})
+        holder: list[ForwarderChannel] = []
+        channel = Channel(sock, lambda frame: self._on_frame(holder[0], frame), lambda reason: self._on_close(holder[0], reason), name=f"channel to forwarder pid {creds.pid}")
+        opened = ForwarderChannel(channel, creds.pid, self._loop.create_future(), self._loop.create_future())
+        holder.append(opened)
+        channel.start()
+        channel.send(ipc.HELLO, {"version": ipc.PROTOCOL_VERSION, "role": "server", "pid": self.events.pid, "gen": self.events.generation})
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
-                hello = await asyncio.shield(self._hello)
+                hello = await asyncio.shield(opened.hello)
         except TimeoutError:
-            self.channel.close(f"no HELLO from forwarder within {HELLO_TIMEOUT:g} s")
-            return False
+            channel.close(f"no HELLO from forwarder within {HELLO_TIMEOUT:g} s")
+            return None
         except ConnectionError:
-            return False
+            return None
         if hello.get("role") != "forwarder":
-            self.channel.close(f"peer introduced itself as {hello.get('role')!r}, expected 'forwarder'")
-            return False
-
-        self.ready = True
-        self.unresponsive = False
+            channel.close(f"peer introduced itself as {hello.get('role')!r}, expected 'forwarder'")
+            return None
+        # The forwarder's own pid: SO_PEERCRED names whoever created the listening socket,
+        # which after a forwarder takeover is an earlier generation.
+        opened.peer_pid = int(hello.get("pid") or creds.pid)
         self.events.emit(
             ev.CHANNEL_UP,
-            peer_pid=creds.pid,
+            peer_pid=opened.peer_pid,
             peer_role="forwarder",
             peer_gen=hello.get("gen"),
-            fd=self.channel.fd,
-            inode=self.channel.inode,
+            fd=channel.fd,
+            inode=channel.inode,
             path=path,
         )
-        log.info("channel up to forwarder pid %d (generation %s) at %s", creds.pid, hello.get("gen"), path)
-        await self._closed
-        return True
+        log.info("channel up to forwarder pid %d (generation %s) at %s", opened.peer_pid, hello.get("gen"), path)
+        return opened
+
+    def _make_current(self, opened: ForwarderChannel) -> None:
+        self.current = opened
+        self.unresponsive = False
 
     def dispatch(self, conn: "Connection") -> str | None:
         """Offer ``conn`` to the forwarder; return a fallback reason when it cannot be offered."""
-        if not self.ready or self.channel is None or self._stopping:
+        if not self.ready or self._stopping:
             return "no forwarder"
         if self.unresponsive:
             return "forwarder not answering"
+        via = self.current
         now = time.monotonic_ns()
         deadline = now + int(self.config.reply_timeout * 1e9)
         payload = {"id": conn.id, "peer": conn.peer, "local": conn.local, "fd": conn.fd, "deadline_ns": deadline}
-        if not self.channel.send(ipc.OFFER, payload, (conn.fd,)):
+        if not via.channel.send(ipc.OFFER, payload, (conn.fd,)):
             return "channel down"
         timer = self._loop.call_at(deadline / 1e9, self._on_deadline, conn.id)
-        self.pending[conn.id] = PendingOffer(conn, now, deadline, timer)
+        self.pending[conn.id] = PendingOffer(conn, now, deadline, timer, via)
         self._idle.clear()
         return None
 
@@ -180,17 +227,16 @@ class NativeLink:
             offer.timer = self._loop.call_at(offer.deadline_ns / 1e9, self._on_deadline, conn_id)
             return
         # A TAKEN sent before the deadline is already in our receive queue: read it first.
-        if self.channel is not None:
-            self.channel.poll()
+        offer.via.channel.poll()
         offer = self._resolve(conn_id, "server")
         if offer is None:
             return
         timeout_ms = self.config.reply_timeout * 1000
         log.warning("offer %s got no reply within %g ms; serving it here", conn_id, timeout_ms)
         self._fallback(offer.conn, f"no reply within {timeout_ms:g} ms")
-        if not self.unresponsive and self.channel is not None:
+        if not self.unresponsive and offer.via is self.current:
             self.unresponsive = True
-            self.channel.send(ipc.PING, {"sent_ns": time.monotonic_ns()})
+            offer.via.channel.send(ipc.PING, {"sent_ns": time.monotonic_ns()})
 
     def _resolve(self, conn_id: str, owner: str) -> PendingOffer | None:
         offer = self.pending.pop(conn_id, None)
@@ -204,8 +250,10 @@ class NativeLink:
             self._idle.set()
         return offer
 
-    def _on_frame(self, frame: ipc.Frame) -> None:
-        self.unresponsive = False
+    def _on_frame(self, via: ForwarderChannel, frame: ipc.Frame) -> None:
+        frame.close_fds()
+        if via is self.current:
+            self.unresponsive = False
         if frame.error is not None:
             suppressed = self._frame_errors.check(frame.error)
             if suppressed is not None:
@@ -216,13 +264,13 @@ class NativeLink:
         if handler is None:
             log.warning("unexpected %s frame from forwarder; ignored", frame.name)
             return
-        handler(self, frame.payload)
+        handler(self, via, frame.payload)
 
-    def _on_hello(self, payload: dict) -> None:
-        if self._hello is not None and not self._hello.done():
-            self._hello.set_result(payload)
+    def _on_hello(self, via: ForwarderChannel, payload: dict) -> None:
+        if not via.hello.done():
+            via.hello.set_result(payload)
 
-    def _on_taken(self, payload: dict) -> None:
+    def _on_taken(self, via: ForwarderChannel, payload: dict) -> None:
         conn_id = str(payload.get("id"))
         offer = self._resolve(conn_id, "forwarder")
         if offer is None:
@@ -244,7 +292,7 @@ class NativeLink:
         conn.sock.close()
         self.events.emit(ev.RELEASED, conn=conn.id, fd=conn.fd)
 
-    def _on_rejected(self, payload: dict) -> None:
+    def _on_rejected(self, via: ForwarderChannel, payload: dict) -> None:
         conn_id = str(payload.get("id"))
         reason = str(payload.get("reason", "no reason given"))
         offer = self._resolve(conn_id, "server")
@@ -254,7 +302,7 @@ class NativeLink:
         self.events.emit(ev.REJECTED, conn=conn_id, fd=offer.conn.fd, reason=reason)
         self._fallback(offer.conn, f"rejected by forwarder: {reason}")
 
-    def _on_query(self, payload: dict) -> None:
+    def _on_query(self, via: ForwarderChannel, payload: dict) -> None:
         conn_id = str(payload.get("id"))
         if len(conn_id) > MAX_ID_LENGTH:
             log.warning("QUERY with an id of %d characters ignored (limit %d)", len(conn_id), MAX_ID_LENGTH)
@@ -262,14 +310,34 @@ class NativeLink:
         owner = self._owners.get(conn_id, "server")
         self.events.emit(ev.QUERIED, conn=conn_id, owner=owner)
         log.info("forwarder asked who serves %s: %s", conn_id, owner)
-        if self.channel is not None:
-            self.channel.send(ipc.VERDICT, {"id": conn_id, "owner": owner})
+        via.channel.send(ipc.VERDICT, {"id": conn_id, "owner": owner})
 
-    def _on_bye(self, payload: dict) -> None:
-        log.info("forwarder is closing the channel: %s", payload.get("reason", "no reason given"))
+    def _on_bye(self, via: ForwarderChannel, payload: dict) -> None:
+        log.info("forwarder pid %d is closing the channel: %s", via.peer_pid, payload.get("reason", "no reason given"))
 
-    def _on_pong(self, payload: dict) -> None:
+    def _on_pong(self, via: ForwarderChannel, payload: dict) -> None:
         log.info("forwarder answers again")
+
+    def _on_migrate(self, via: ForwarderChannel, payload: dict) -> None:
+        if via is not self.current or self._migrating or self._stopping:
+            return
+        self._migrating = True
+        log.info("forwarder pid %d hands over to pid %s; opening a channel to it", via.peer_pid, payload.get("successor_pid"))
+        asyncio.create_task(self._migrate(via), name="migrate-channel")
+
+    async def _migrate(self, old: ForwarderChannel) -> None:
+        try:
+            opened = await self._open_channel()
+        finally:
+            self._migrating = False
+        if opened is None:
+            log.warning("could not open a channel to the new forwarder; staying on pid %d until it closes", old.peer_pid)
+            return
+        self._make_current(opened)
+        # The old forwarder answers every offer sent before this BYE, then closes the channel.
+        old.channel.send(ipc.BYE, {"reason": f"migrated to forwarder pid {opened.peer_pid}"})
+        if not old.closed.done():
+            old.closed.set_result("migrated")
 
     _handlers = {
         ipc.HELLO: _on_hello,
@@ -278,22 +346,24 @@ class NativeLink:
         ipc.QUERY: _on_query,
         ipc.BYE: _on_bye,
         ipc.PONG: _on_pong,
+        ipc.MIGRATE: _on_migrate,
     }
 
-    def _on_close(self, reason: str) -> None:
-        was_ready = self.ready
-        self.ready = False
-        for conn_id in list(self.pending):
+    def _on_close(self, via: ForwarderChannel, reason: str) -> None:
+        for conn_id in [conn_id for conn_id, offer in self.pending.items() if offer.via is via]:
             offer = self._resolve(conn_id, "server")
             self._fallback(offer.conn, f"channel down before a reply: {reason}")
-        if was_ready:
-            self.events.emit(ev.CHANNEL_DOWN, reason=reason)
-            log.warning("channel to forwarder down: %s", reason)
-        if self._hello is not None and not self._hello.done():
-            self._hello.set_exception(ConnectionError(reason))
-            self._hello.exception()
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(reason)
+        if via.hello.done():
+            self.events.emit(ev.CHANNEL_DOWN, reason=reason, peer_pid=via.peer_pid)
+            level = logging.INFO if self._stopping or via is not self.current else logging.WARNING
+            log.log(level, "channel to forwarder pid %d down: %s", via.peer_pid, reason)
+        else:
+            via.hello.set_exception(ConnectionError(reason))
+            via.hello.exception()
+        if via is self.current:
+            self.current = None
+        if not via.closed.done():
+            via.closed.set_result(reason)
 
     async def wait_idle(self, timeout: float) -> None:
         """Stop offering and wait up to ``timeout`` seconds for answers to pending offers."""
@@ -307,9 +377,9 @@ class NativeLink:
     def close(self, reason: str) -> None:
         """Say BYE and close the channel."""
         self._stopping = True
-        if self.channel is not None and not self.channel.closed:
-            self.channel.send(ipc.BYE, {"reason": reason})
-            self.channel.close(reason)
+        if self.current is not None and not self.current.channel.closed:
+            self.current.channel.send(ipc.BYE, {"reason": reason})
+            self.current.channel.close(reason)
 
 
 class SeedLink:
@@ -358,6 +428,10 @@ class SeedLink:
         """Emit the events of a seed handoff: sent, and the server's copy already closed."""
         self.events.emit(ev.OFFERED, conn=conn.id, fd=conn.fd, inode=conn.inode, protocol="seed")
         self.events.emit(ev.RELEASED, conn=conn.id, fd=conn.fd)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Seed handoffs dial per connection, so there is no channel to wait for."""
+        return True
 
     async def wait_idle(self, timeout: float) -> None:
         """Seed handoffs finish inside dispatch(); nothing is ever pending."""

@@ -51,6 +51,15 @@ QUERY = 6  # forwarder -> server: who serves this offer? (sent when TAKEN may ha
 VERDICT = 7  # server -> forwarder: reply to QUERY, owner "forwarder" or "server"
 PING = 8  # server -> forwarder: health check after an offer timed out
 PONG = 9  # forwarder -> server: reply to PING
+# Listener takeover, on a server's control socket or a forwarder's handoff socket.
+LISTENERS = 10  # old -> new: listening sockets with a description of each, in batches
+READY = 11  # new -> old: accepting on every listener; the old one stops accepting and drains
+ABORT = 12  # new -> old: the takeover failed; the old one keeps everything
+DRAINED = 13  # old -> new: the old generation finished, with what it had to cut off
+MIGRATE = 14  # old forwarder -> server: open a channel to the new forwarder, then leave this one
+
+# HELLO "intent" of a peer that wants to take the listeners over.
+INTENT_TAKEOVER = "takeover"
 
 FRAME_NAMES = {
     HELLO: "HELLO",
@@ -62,9 +71,15 @@ FRAME_NAMES = {
     VERDICT: "VERDICT",
     PING: "PING",
     PONG: "PONG",
+    LISTENERS: "LISTENERS",
+    READY: "READY",
+    ABORT: "ABORT",
+    DRAINED: "DRAINED",
+    MIGRATE: "MIGRATE",
 }
 # How many fds each frame type must carry.
-FDS_OF_TYPE = {OFFER: 1}
+# LISTENERS carries from 1 to MAX_FDS_PER_MESSAGE fds, as many as its payload describes.
+FDS_OF_TYPE = {OFFER: 1, LISTENERS: None}
 
 SEED_MESSAGE = b"forward"
 # The reference forwarder reads at most this many data bytes of the seed message.
@@ -264,7 +279,10 @@ class FrameDecoder:
         if declared_fds != len(frame.fds):
             return f"{frame.name} frame declares {declared_fds} fds but {len(frame.fds)} arrived"
         expected = FDS_OF_TYPE.get(frame.type, 0)
-        if frame.type in FRAME_NAMES and declared_fds != expected:
+        if expected is None:
+            if not 1 <= declared_fds <= MAX_FDS_PER_MESSAGE:
+                return f"{frame.name} frame must carry 1 to {MAX_FDS_PER_MESSAGE} fds, not {declared_fds}"
+        elif frame.type in FRAME_NAMES and declared_fds != expected:
             return f"{frame.name} frame must carry {expected} fds, not {declared_fds}"
         if payload_error is not None:
             return payload_error
@@ -403,6 +421,41 @@ def adopt_tcp_connection(fd: int) -> socket.socket:
         kind = describe_fd(fd)
         sock.close()
         raise InvalidFd(f"received a {kind}, expected a connected TCP socket")
+    sock.setblocking(False)
+    return sock
+
+
+def describe_listener(sock: socket.socket) -> dict[str, str]:
+    """Describe a listening socket for a LISTENERS frame: family, type and bound address."""
+    family = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.AF_UNIX: "unix"}.get(sock.family, str(int(sock.family)))
+    kind = "stream" if sock.type == socket.SOCK_STREAM else str(int(sock.type))
+    return {"family": family, "type": kind, "address": format_address(sock.getsockname())}
+
+
+def adopt_listener(fd: int, expected: dict) -> socket.socket:
+    """Wrap a received fd as a listening socket after checking it against its description.
+
+    The checks are the kernel's view of the fd: family and type (socket(fileno=)),
+    SO_ACCEPTCONN and getsockname(). On any mismatch the fd is closed and InvalidFd says
+    what the fd is instead.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        kind = describe_fd(fd)
+        close_all([fd])
+        raise InvalidFd(f"received a {kind}, expected a listening socket") from None
+    try:
+        actual = describe_listener(sock)
+        listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError as exc:
+        sock.close()
+        raise InvalidFd(f"cannot inspect received listener: {exc.strerror}") from None
+    wanted = {key: str(expected.get(key)) for key in ("family", "type", "address")}
+    if not listening or actual != wanted:
+        what = describe_fd(fd)
+        sock.close()
+        raise InvalidFd(f"received a {what} ({actual['family']} {actual['type']} {actual['address']}), expected a listening socket {wanted}")
     sock.setblocking(False)
     return sock
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from takeover_console.ipc import REQUEST_MAX
 
@@ -81,11 +82,12 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-async def serve_connection(sock: socket.socket, reply: bytes, read_timeout: float) -> ServeResult:
+async def serve_connection(sock: socket.socket, reply: bytes, read_timeout: float, hold: Callable[[], Awaitable[None]] | None = None) -> ServeResult:
     """Read one request of up to REQUEST_MAX bytes, write ``reply`` and close the socket.
 
     A client that sends nothing within ``read_timeout`` seconds, closes first or resets
-    the connection gets no reply; ``outcome`` names which. The socket is always shut down
+    the connection gets no reply; ``outcome`` names which. ``hold``, when given, is awaited
+    between reading the request and replying. The socket is always shut down
     and closed (see _close).
     """
     loop = asyncio.get_running_loop()
@@ -99,6 +101,8 @@ async def serve_connection(sock: socket.socket, reply: bytes, read_timeout: floa
             return ServeResult(f"read failed: {exc.strerror or exc}")
         if not request:
             return ServeResult("client closed before sending a request")
+        if hold is not None:
+            await hold()
         try:
             async with asyncio.timeout(read_timeout):
                 await loop.sock_sendall(sock, reply)

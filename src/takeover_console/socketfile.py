@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 APP_DIR_NAME = "takeover-console"
 HANDOFF_SOCKET_NAME = "handoff.sock"
-CONTROL_SOCKET_NAME = "control.sock"
 UNIX_BACKLOG = 512
 
 
@@ -75,9 +74,12 @@ def default_handoff_path() -> Path:
     return runtime_dir() / HANDOFF_SOCKET_NAME
 
 
-def default_control_path() -> Path:
-    """The control socket path used when none is given."""
-    return runtime_dir() / CONTROL_SOCKET_NAME
+def default_control_path(host: str, port: int) -> Path:
+    """The control socket of the server listening on ``host:port``, when none is given.
+
+    The address is part of the name, so servers on different ports do not collide.
+    """
+    return runtime_dir() / f"control-{host.strip('[]').replace(':', '_')}-{port}.sock"
 
 
 @dataclass
