@@ -11,6 +11,8 @@ from takeover_console.session import ReplaySession
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
+# Seconds into the upgrade fixture when both server generations hold the listener.
+UPGRADE_OVERLAP = 2.0
 
 
 @pytest.fixture(autouse=True)
@@ -29,10 +31,14 @@ def replay_app(fixture: str, until: float | None = None) -> TakeoverApp:
 
 
 async def settle(pilot) -> None:
-    """Wait until the replay is loaded and the panes show it."""
+    """Wait until the replay is loaded and the panes show it.
+
+    The first refresh mounts the fd tables, the second fills them.
+    """
     await pilot.app.session.finished.wait()
-    pilot.app.refresh_panes()
-    await pilot.pause()
+    for _ in range(2):
+        pilot.app.refresh_panes(force=True)
+        await pilot.pause()
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -70,6 +76,32 @@ def test_slow_motion_shared_socket(snap_compare, size):
             await pilot.pause()
 
     assert snap_compare(replay_app("slow_motion.jsonl", until=1.5), terminal_size=SIZES[size], run_before=fd_tab)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_server_upgrade_completed(snap_compare, size):
+    """Just after READY: both server generations, the listener inode in both fd tables."""
+
+    async def fd_tab(pilot):
+        await settle(pilot)
+        if size == "80x24":
+            await pilot.press("right")
+            await pilot.pause()
+
+    assert snap_compare(replay_app("upgrade.jsonl", until=UPGRADE_OVERLAP), terminal_size=SIZES[size], run_before=fd_tab)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_server_upgrade_aborted(snap_compare, size):
+    """A new generation crashed before READY; the old one keeps the listeners."""
+
+    async def events_tab(pilot):
+        await settle(pilot)
+        if size == "80x24":
+            await pilot.press("right", "right", "right")
+            await pilot.pause()
+
+    assert snap_compare(replay_app("upgrade_aborted.jsonl"), terminal_size=SIZES[size], run_before=events_tab)
 
 
 def test_slow_motion_model_has_shared():

@@ -39,7 +39,10 @@ TAB_PANES = {
     "tab-connections": ("connections",),
     "tab-events": ("events",),
 }
-LIVE_ACTIONS = {"start_forwarder", "kill_forwarder", "stop_forwarder", "pause_client", "resume_client", "faster", "slower", "slow_motion"}
+LIVE_ACTIONS = {
+    "start_forwarder", "kill_forwarder", "stop_forwarder", "pause_client", "resume_client",
+    "faster", "slower", "slow_motion", "upgrade_server", "restart_forwarder", "failed_upgrade",
+}
 
 
 class TakeoverApp(App):
@@ -56,6 +59,9 @@ class TakeoverApp(App):
         Binding("plus", "faster", "Rate +", key_display="+"),
         Binding("minus", "slower", "Rate -", key_display="-"),
         Binding("s", "slow_motion", "Slow motion"),
+        Binding("u", "upgrade_server", "Upgrade server"),
+        Binding("r", "restart_forwarder", "Restart forwarder"),
+        Binding("x", "failed_upgrade", "Failing upgrade"),
         Binding("d", "client_fds", "Client fds"),
         Binding("p", "freeze", "Freeze"),
         Binding("question_mark", "help", "Help", key_display="?"),
@@ -121,9 +127,9 @@ class TakeoverApp(App):
 
     # Refreshing.
 
-    def refresh_panes(self) -> None:
-        """Update every pane from the model, unless frozen or nothing changed."""
-        if self.frozen or self.model.version == self._seen_version:
+    def refresh_panes(self, force: bool = False) -> None:
+        """Update every pane from the model, unless frozen or nothing changed (or ``force``)."""
+        if self.frozen or (self.model.version == self._seen_version and not force):
             return
         self._seen_version = self.model.version
         for pane in (ProcessesPane, TrafficPane, FdTablesPane, ConnectionsPane, EventLogPane):
@@ -165,6 +171,10 @@ class TakeoverApp(App):
             return not self._forwarder_running()
         if action in ("kill_forwarder", "stop_forwarder"):
             return self._forwarder_running()
+        if action in ("upgrade_server", "failed_upgrade"):
+            return self.session.upgrading is None and self.session.server_running()
+        if action == "restart_forwarder":
+            return self.session.upgrading is None and self._forwarder_running()
         if action == "pause_client":
             return not self.session.client_paused
         if action == "resume_client":
@@ -214,6 +224,21 @@ class TakeoverApp(App):
         rate = RATE_STEPS[max(0, min(len(RATE_STEPS) - 1, index + step))]
         self._control(self.session.set_client_rate(rate), "client rate")
         self.notify(f"client rate {rate}/s")
+
+    def action_upgrade_server(self) -> None:
+        self._control(self.session.upgrade_server(), "upgrade server")
+        self.notify("upgrading the server: the new generation takes the listening socket")
+        self.refresh_bindings()
+
+    def action_failed_upgrade(self) -> None:
+        self._control(self.session.upgrade_server("crash-before-ready"), "failing upgrade")
+        self.notify("upgrading with a new generation that crashes before READY: watch the rollback")
+        self.refresh_bindings()
+
+    def action_restart_forwarder(self) -> None:
+        self._control(self.session.restart_forwarder(), "restart forwarder")
+        self.notify("restarting the forwarder by takeover: the socket path never disappears")
+        self.refresh_bindings()
 
     def action_slow_motion(self) -> None:
         on = not self.session.slow_motion

@@ -94,7 +94,7 @@ class Forwarder:
         self._loop.add_reader(fd, self._on_acceptable)
         if inheritance is not None:
             inheritance.ready()
-            self.events.emit(ev.TAKEOVER, phase="ready", peer_pid=inheritance.old_pid)
+            self.events.emit(ev.TAKEOVER, side="new", phase="ready", peer_pid=inheritance.old_pid)
             log.info("took over %s from pid %d as generation %d", self.bound.path, inheritance.old_pid, self.events.generation)
             asyncio.create_task(self._await_drained(inheritance), name="await-drained")
         try:
@@ -117,7 +117,7 @@ class Forwarder:
         info = os.stat(path)
         self.bound = BoundSocket(sock=unix[0][0], path=Path(path), device=info.st_dev, inode=info.st_ino)
         inodes = [ipc.socket_inode(unix[0][0].fileno())]
-        self.events.emit(ev.TAKEOVER, phase="fds_received", peer_pid=inheritance.old_pid, count=1, inodes=inodes)
+        self.events.emit(ev.TAKEOVER, side="new", phase="fds_received", peer_pid=inheritance.old_pid, count=1, inodes=inodes)
         return inheritance
 
     async def _await_drained(self, inheritance: Inheritance) -> None:
@@ -125,7 +125,7 @@ class Forwarder:
         if "closed" in outcome:
             log.warning("old forwarder pid %d closed the takeover channel without DRAINED: %s", inheritance.old_pid, outcome["closed"])
             return
-        self.events.emit(ev.TAKEOVER, phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
+        self.events.emit(ev.TAKEOVER, side="new", phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
         log.info("old forwarder pid %d drained: %s served, %s cut off", inheritance.old_pid, outcome.get("served"), outcome.get("cut"))
 
     # Takeover: this process as the old generation.
@@ -158,7 +158,7 @@ class Forwarder:
         asyncio.create_task(self._drain_after_handover(session), name="drain-after-handover")
 
     async def _drain_after_handover(self, session: DonorSession) -> None:
-        self.events.emit(ev.TAKEOVER, phase="draining", peer_pid=session.peer_pid, in_flight=self.serving_count)
+        self.events.emit(ev.TAKEOVER, side="old", phase="draining", peer_pid=session.peer_pid, in_flight=self.serving_count)
         served_before = self.served_total
         deadline = self._loop.time() + self.config.drain_timeout
         # Servers close their old channels once their new ones are up; wait for that.

@@ -48,9 +48,42 @@ def describe_event(event: dict, lookup: PeerLookup) -> str | None:
         return f"{role} stopping, {event.get('in_flight', 0)} connections in flight"
     if kind == "error":
         return f"{role} error: {event.get('message')}"
+    if kind == "takeover":
+        return _describe_takeover(event)
+    if kind == "slow_motion":
+        return "slow motion on: the server keeps its copy after TAKEN" if event.get("on") else "slow motion off"
     if kind == "failed":
         return f"client request {event.get('seq')} failed: {event.get('error')}"
     return None
+
+
+def _describe_takeover(event: dict) -> str | None:
+    role = event.get("role", "?")
+    pid = event.get("pid")
+    other = event.get("peer_pid")
+    phase = event.get("phase")
+    old_side = event.get("side") == "old"
+    if phase == "requested" and old_side:
+        return f"takeover requested: new {role} pid {other} asks pid {pid} for its listeners"
+    if phase == "fds_sent":
+        return f"{role} pid {pid} sent {event.get('count')} listening sockets in {event.get('batches')} message(s), inodes {_inodes(event)}"
+    if phase == "fds_received":
+        return f"{role} pid {pid} (generation {event.get('gen')}) received listeners, inodes {_inodes(event)}"
+    if phase == "ready" and old_side:
+        return f"READY from pid {other}: it accepts on the same sockets, pid {pid} stops accepting"
+    if phase == "draining":
+        return f"old {role} pid {pid} draining {event.get('in_flight', 0)} in flight"
+    if phase == "drained" and old_side:
+        return f"old {role} pid {pid} drained: {event.get('served', 0)} finished, {event.get('cut', 0)} cut off"
+    if phase == "aborted":
+        return f"takeover aborted, {role} pid {pid} keeps the listeners: {event.get('reason')}"
+    if phase == "refused":
+        return f"takeover refused: {event.get('reason')}"
+    return None
+
+
+def _inodes(event: dict) -> str:
+    return ", ".join(str(inode) for inode in event.get("inodes") or [])
 
 
 def _describe_fallback(event: dict, peer: str) -> str:

@@ -177,7 +177,7 @@ class Server:
             inheritance.abort("the old server sent no TCP listener or no control socket")
             raise SocketFileError("takeover failed: the old server sent no TCP listener or no control socket")
         inodes = [socket_inode(sock.fileno()) for sock, _ in inheritance.listeners]
-        self.events.emit(ev.TAKEOVER, phase="fds_received", peer_pid=inheritance.old_pid, count=len(inodes), inodes=inodes)
+        self.events.emit(ev.TAKEOVER, side="new", phase="fds_received", peer_pid=inheritance.old_pid, count=len(inodes), inodes=inodes)
         return inheritance
 
     async def _complete_takeover(self, inheritance: Inheritance) -> int | None:
@@ -194,7 +194,7 @@ class Server:
             log.error("the old server ended the takeover: %s", outcome.get("closed", outcome))
             return 1
         inheritance.ready()
-        self.events.emit(ev.TAKEOVER, phase="ready", peer_pid=inheritance.old_pid)
+        self.events.emit(ev.TAKEOVER, side="new", phase="ready", peer_pid=inheritance.old_pid)
         log.info("took over %d listeners from pid %d as generation %d", len(inheritance.listeners), inheritance.old_pid, self.events.generation)
         asyncio.create_task(self._await_drained(inheritance), name="await-drained")
         return None
@@ -204,7 +204,7 @@ class Server:
         if "closed" in outcome:
             log.warning("old generation pid %d closed the takeover channel without DRAINED: %s", inheritance.old_pid, outcome["closed"])
             return
-        self.events.emit(ev.TAKEOVER, phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
+        self.events.emit(ev.TAKEOVER, side="new", phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
         log.info("old generation pid %d drained: %s served, %s cut off", inheritance.old_pid, outcome.get("served"), outcome.get("cut"))
 
     # Takeover: this process as the old generation.
@@ -357,16 +357,17 @@ class Server:
         in_flight = len(self._serving) + self.link.pending_count
         self.events.emit(ev.STOPPING, in_flight=in_flight, handed_over=self._handed_over)
         if self._handed_over:
-            self.events.emit(ev.TAKEOVER, phase="draining", peer_pid=self._donor.peer_pid, in_flight=in_flight)
+            self.events.emit(ev.TAKEOVER, side="old", phase="draining", peer_pid=self._donor.peer_pid, in_flight=in_flight)
         log.info("stopping: no new connections; draining %d in flight", in_flight)
         self._stalled = self.config.inject_fault == "slow-drain"
         for listener in self.listeners:
             self._loop.remove_reader(listener.fileno())
-            # close(), never shutdown(): after a takeover the new generation accepts on this socket.
-            listener.close()
         self._loop.remove_reader(self.control.sock.fileno())
         deadline = self._loop.time() + self.config.drain_timeout
-        await self.link.wait_idle(self.config.drain_timeout)
+        if self._handed_over and self.config.release_delay > 0:
+            # Slow motion: stay a visible moment, holding the listeners the new generation shares.
+            await asyncio.sleep(min(self.config.release_delay, self.config.drain_timeout))
+        await self.link.wait_idle(max(0.0, deadline - self._loop.time()))
         remaining = max(0.0, deadline - self._loop.time())
         if self._serving:
             await asyncio.wait(set(self._serving), timeout=remaining)
@@ -377,6 +378,9 @@ class Server:
             log.warning("drain timeout of %g s reached: cut off %d connections", self.config.drain_timeout, len(cut))
             await asyncio.gather(*cut, return_exceptions=True)
         self.link.close("server stopping")
+        for listener in self.listeners:
+            # close(), never shutdown(): after a takeover the new generation accepts on this socket.
+            listener.close()
         if self._handed_over:
             self._donor.finish(served=in_flight - len(cut), cut=len(cut))
         else:

@@ -71,11 +71,20 @@ class LiveSession:
         self.client_paused = False
         self.client_rate = config.client_rate
         self.slow_motion = False
+        # The worker names of the current server and forwarder generations.
+        self.server_name = SERVER
+        self.forwarder_name = FORWARDER
+        self.upgrading: str | None = None
         self.server_address: str | None = None
 
     def _make_handoff_path(self) -> Path:
         self._private_dir = Path(tempfile.mkdtemp(prefix="session-", dir=runtime_dir()))
         return self._private_dir / "handoff.sock"
+
+    @property
+    def control_path(self) -> Path:
+        """The control socket through which server generations take over from each other."""
+        return self.handoff.with_name("control.sock")
 
     # Observations in.
 
@@ -88,6 +97,12 @@ class LiveSession:
 
     def _on_event(self, worker: Worker, event: dict) -> None:
         self.observe(event_observation(worker.name, event))
+        if event.get("kind") == "takeover" and event.get("phase") == "ready" and worker.name == self.upgrading:
+            # The new generation accepts now; actions apply to it from here on.
+            if worker.role == SERVER:
+                self.server_name = worker.name
+            else:
+                self.forwarder_name = worker.name
         if event.get("kind") == "listening":
             if worker.role == SERVER:
                 self.server_address = event.get("addr")
@@ -109,12 +124,15 @@ class LiveSession:
     async def start(self) -> None:
         """Start forwarder, server and client, each once the one before it listens."""
         self.supervisor.add(FORWARDER, FORWARDER, ["--handoff", str(self.handoff)])
-        self.supervisor.add(SERVER, SERVER, ["--listen", self.config.listen, "--handoff", str(self.handoff), "--reply-timeout", str(self.config.reply_timeout_ms)])
+        self.supervisor.add(SERVER, SERVER, self._server_args(["--listen", self.config.listen]))
         self.supervisor.add(CLIENT, CLIENT, [])
         self._sampling = asyncio.create_task(self._sample_loop(), name="fd-sampler")
         await self._start_and_wait(FORWARDER)
         await self._start_and_wait(SERVER)
         await self.start_client()
+
+    def _server_args(self, listen: list[str]) -> list[str]:
+        return [*listen, "--handoff", str(self.handoff), "--control", str(self.control_path), "--reply-timeout", str(self.config.reply_timeout_ms)]
 
     async def _start_and_wait(self, name: str) -> dict:
         waiter = asyncio.get_running_loop().create_future()
@@ -161,20 +179,27 @@ class LiveSession:
 
     def forwarder_running(self) -> bool:
         """True while the forwarder process is alive."""
-        return self.supervisor.workers[FORWARDER].state in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.STOPPING)
+        return self._running(self.forwarder_name)
+
+    def _running(self, name: str) -> bool:
+        return self.supervisor.workers[name].state in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.STOPPING)
+
+    def server_running(self) -> bool:
+        """True while the current server generation is alive."""
+        return self._running(self.server_name)
 
     def kill_forwarder(self) -> bool:
         """SIGKILL the forwarder; False when it was not running."""
-        return self.supervisor.kill(FORWARDER)
+        return self.supervisor.kill(self.forwarder_name)
 
     async def stop_forwarder(self) -> None:
         """SIGTERM the forwarder and wait for it to drain and exit."""
-        await self.supervisor.stop(FORWARDER)
+        await self.supervisor.stop(self.forwarder_name)
 
     async def start_forwarder(self) -> None:
         """Start the forwarder again (no-op while it runs)."""
         if not self.forwarder_running():
-            await self._start_and_wait(FORWARDER)
+            await self._start_and_wait(self.forwarder_name)
 
     async def pause_client(self) -> None:
         """Stop the client's load; ``resume_client`` starts it again."""
@@ -194,9 +219,36 @@ class LiveSession:
     async def set_slow_motion(self, on: bool) -> None:
         """Have the server keep its copy after TAKEN and the client hold connections longer."""
         self.slow_motion = on
-        self.supervisor.signal(SERVER, signal.SIGUSR1 if on else signal.SIGUSR2)
+        self.supervisor.signal(self.server_name, signal.SIGUSR1 if on else signal.SIGUSR2)
         if not self.client_paused:
             await self.start_client()
+
+    async def upgrade_server(self, fault: str | None = None) -> None:
+        """Start the next server generation with --takeover; it replaces the current one at READY."""
+        current = self.supervisor.workers[self.server_name]
+        generation = current.generation + 1
+        name = f"{SERVER}-{generation}"
+        args = self._server_args(["--takeover", "--listen", self.server_address or self.config.listen])
+        if fault:
+            args += ["--inject-fault", fault]
+        self.supervisor.add(name, SERVER, args, generation=generation)
+        await self._start_successor(name)
+
+    async def restart_forwarder(self) -> None:
+        """Start the next forwarder generation with --takeover; it replaces the current one at READY."""
+        current = self.supervisor.workers[self.forwarder_name]
+        generation = current.generation + 1
+        name = f"{FORWARDER}-{generation}"
+        self.supervisor.add(name, FORWARDER, ["--takeover", "--handoff", str(self.handoff)], generation=generation)
+        await self._start_successor(name)
+
+    async def _start_successor(self, name: str) -> None:
+        self.upgrading = name
+        try:
+            await self.supervisor.start(name)
+            await self.supervisor.wait_exited_or_ready(name)
+        finally:
+            self.upgrading = None
 
     # Sampling.
 

@@ -78,7 +78,7 @@ class DonorSession:
 
     def start(self) -> None:
         """Reply to HELLO and send every listener, in batches."""
-        self.events.emit(ev.TAKEOVER, phase="requested", peer_pid=self.peer_pid)
+        self.events.emit(ev.TAKEOVER, side="old", phase="requested", peer_pid=self.peer_pid)
         log.info("takeover requested by pid %d", self.peer_pid)
         self.channel.send(ipc.HELLO, {"version": ipc.PROTOCOL_VERSION, "role": self.events.role, "pid": self.events.pid, "gen": self.events.generation})
         groups = batches(self.listeners)
@@ -87,7 +87,7 @@ class DonorSession:
             fds = tuple(sock.fileno() for sock in group)
             self.channel.send(ipc.LISTENERS, {"sockets": sockets, "last": index == len(groups) - 1}, fds)
         inodes = [ipc.socket_inode(sock.fileno()) for sock in self.listeners]
-        self.events.emit(ev.TAKEOVER, phase="fds_sent", peer_pid=self.peer_pid, count=len(self.listeners), batches=len(groups), inodes=inodes)
+        self.events.emit(ev.TAKEOVER, side="old", phase="fds_sent", peer_pid=self.peer_pid, count=len(self.listeners), batches=len(groups), inodes=inodes)
 
     def on_frame(self, frame: ipc.Frame) -> None:
         """Handle READY or ABORT from the new process."""
@@ -97,7 +97,7 @@ class DonorSession:
         elif frame.type == ipc.READY and not self.ready:
             self._timer.cancel()
             self.ready = True
-            self.events.emit(ev.TAKEOVER, phase="ready", peer_pid=self.peer_pid)
+            self.events.emit(ev.TAKEOVER, side="old", phase="ready", peer_pid=self.peer_pid)
             log.info("new generation pid %d is ready; stopping accepting and draining", self.peer_pid)
             self.on_ready(self)
         elif frame.type == ipc.ABORT:
@@ -123,7 +123,7 @@ class DonorSession:
             return
         # Set first: closing the channel below calls on_close(), which calls abort() again.
         self._aborted = True
-        self.events.emit(ev.TAKEOVER, phase="aborted", peer_pid=self.peer_pid, reason=reason)
+        self.events.emit(ev.TAKEOVER, side="old", phase="aborted", peer_pid=self.peer_pid, reason=reason)
         log.warning("takeover by pid %d aborted: %s; keeping the listeners", self.peer_pid, reason)
         self.channel.send(ipc.BYE, {"reason": f"takeover aborted: {reason}"})
         self.channel.close(f"takeover aborted: {reason}")
@@ -131,7 +131,7 @@ class DonorSession:
 
     def finish(self, served: int, cut: int) -> None:
         """Report the drain to the new process and close the channel."""
-        self.events.emit(ev.TAKEOVER, phase="drained", peer_pid=self.peer_pid, served=served, cut=cut)
+        self.events.emit(ev.TAKEOVER, side="old", phase="drained", peer_pid=self.peer_pid, served=served, cut=cut)
         self.channel.send(ipc.DRAINED, {"served": served, "cut": cut})
         self.channel.close("drained")
         self._end()
@@ -146,7 +146,7 @@ class DonorSession:
 def refuse_busy(channel: Channel, events: EventLog, peer_pid: int) -> None:
     """Turn away a second takeover while one is running."""
     reason = "another takeover is already in progress"
-    events.emit(ev.TAKEOVER, phase="refused", peer_pid=peer_pid, reason=reason)
+    events.emit(ev.TAKEOVER, side="old", phase="refused", peer_pid=peer_pid, reason=reason)
     log.warning("refusing takeover by pid %d: %s", peer_pid, reason)
     channel.send(ipc.BYE, {"reason": reason})
     channel.close(reason)
@@ -216,7 +216,7 @@ async def inherit(path: str, role: str, events: EventLog, allowed_uids: frozense
     try:
         async with asyncio.timeout(HELLO_TIMEOUT * 2):
             hello = await _next_frame(received, ipc.HELLO)
-            events.emit(ev.TAKEOVER, phase="requested", peer_pid=hello.payload.get("pid", creds.pid))
+            events.emit(ev.TAKEOVER, side="new", phase="requested", peer_pid=hello.payload.get("pid", creds.pid))
             while True:
                 frame = await _next_frame(received, ipc.LISTENERS)
                 descriptions = frame.payload.get("sockets")

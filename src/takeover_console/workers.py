@@ -77,6 +77,7 @@ class Worker:
     process: asyncio.subprocess.Process | None = None
     _readers: list[asyncio.Task] = field(default_factory=list)
     _watcher: asyncio.Task | None = None
+    _takeover_waiters: list = field(default_factory=list)
     _stop_requested: str | None = None
 
     @property
@@ -176,6 +177,11 @@ class Supervisor:
                 worker.state = WorkerState.RUNNING
                 self._on_state(worker, "running")
             self._on_event(worker, event)
+            if event.get("kind") == "takeover" and event.get("phase") == "ready":
+                for waiter in worker._takeover_waiters:
+                    if not waiter.done():
+                        waiter.set_result(event)
+                worker._takeover_waiters.clear()
         if bad_lines > 1:
             log.warning("%s wrote %d lines that are not JSON", worker.name, bad_lines)
 
@@ -250,6 +256,21 @@ class Supervisor:
         if worker._watcher is not None:
             await asyncio.gather(worker._watcher, return_exceptions=True)
         return worker.process.returncode
+
+    async def wait_exited_or_ready(self, name: str, timeout: float = 15.0) -> WorkerState:
+        """Wait until a worker has announced a completed takeover or has exited."""
+        worker = self.workers[name]
+        waiter = asyncio.get_running_loop().create_future()
+        worker._takeover_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait([waiter, worker._watcher], return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            pass
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+        return worker.state
 
     async def restart(self, name: str) -> Worker:
         """Stop a worker if it runs, then start it again."""

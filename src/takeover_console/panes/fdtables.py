@@ -50,6 +50,10 @@ class FdTableView(Vertical):
         yield Static(self.worker_name, classes="pane-title")
         yield SyncedTable(COLUMNS, sort_key="fd")
 
+    def on_mount(self) -> None:
+        # A table mounted for a new process shows its rows at once, not at the next change.
+        self.call_after_refresh(self.refresh_from, self.app.model)
+
     def refresh_from(self, model: SessionModel) -> None:
         """Show the worker's fds from the latest sample."""
         view = model.processes.get(self.worker_name)
@@ -122,24 +126,61 @@ def _styled(cells: tuple, style: str) -> tuple:
 
 
 class FdTablesPane(Horizontal):
-    """The server's and forwarder's fd tables side by side; the client's when asked for."""
+    """One fd table per server and forwarder process; the client's when asked for.
 
-    def compose(self) -> ComposeResult:
-        yield FdTableView("server", id="fds-server")
-        yield FdTableView("forwarder", id="fds-forwarder")
-        yield FdTableView("client", id="fds-client", classes="hidden")
+    During a takeover both generations show, so the listening socket's inode is seen in
+    the old and the new process, then, once the old one has exited, only in the new.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.show_client = False
 
     @property
     def client_shown(self) -> bool:
         """True when the client's table is shown."""
-        return not self.query_one("#fds-client").has_class("hidden")
+        return self.show_client
 
     def toggle_client(self) -> None:
         """Show or hide the client's fd table."""
-        self.query_one("#fds-client").toggle_class("hidden")
+        self.show_client = not self.show_client
 
     def refresh_from(self, model: SessionModel) -> None:
-        """Refresh each visible table."""
-        for table in self.query(FdTableView):
-            if not table.has_class("hidden"):
-                table.refresh_from(model)
+        """Mount a table for each process worth showing, drop the others, refresh the rest."""
+        wanted = shown_workers(model, self.show_client)
+        views = {view.worker_name: view for view in self.query(FdTableView)}
+        for name, view in views.items():
+            if name not in wanted:
+                view.remove()
+        for name in wanted:
+            view = views.get(name)
+            if view is None:
+                self.mount(FdTableView(name, id=f"fds-{_css_id(name)}"))
+            elif view.is_mounted:
+                view.refresh_from(model)
+
+
+# Seconds of session time an exited server or forwarder keeps its table.
+EXITED_SHOWN_SECONDS = 3.0
+ROLE_ORDER = {"server": 0, "forwarder": 1, "client": 2}
+
+
+def shown_workers(model: SessionModel, show_client: bool) -> list[str]:
+    """The workers whose fd tables to show: live ones, the recently exited, the last of each role."""
+    chosen = []
+    latest: dict[str, str] = {}
+    for name, view in model.processes.items():
+        if view.role not in ("server", "forwarder") and not (show_client and view.role == "client"):
+            continue
+        latest[view.role] = name
+        recently_exited = view.exited_t is not None and model.now - view.exited_t < EXITED_SHOWN_SECONDS
+        if view.state != "exited" or recently_exited:
+            chosen.append(name)
+    for role, name in latest.items():
+        if not any(model.processes[other].role == role for other in chosen):
+            chosen.append(name)
+    return sorted(chosen, key=lambda name: (ROLE_ORDER.get(model.processes[name].role, 9), model.processes[name].generation, name))
+
+
+def _css_id(name: str) -> str:
+    return "".join(char if char.isalnum() or char in "-_" else "-" for char in name)

@@ -8,8 +8,11 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from takeover_console.model import SessionModel
-from takeover_console.panes.formatting import STATE_STYLES, duration, percent, role_text, size
+from takeover_console.panes.formatting import ROLE_STYLES, STATE_STYLES, duration, percent, role_text, size
 from takeover_console.panes.synced_table import SyncedTable
+
+# Seconds of session time an exited later generation stays in the table.
+EXITED_SHOWN_SECONDS = 10.0
 
 COLUMNS = [
     ("role", "role"),
@@ -34,12 +37,17 @@ class ProcessesPane(Vertical):
     def refresh_from(self, model: SessionModel) -> None:
         """Show every worker the model knows, in the order they first appeared."""
         rows = {}
+        alive_roles = {view.role for view in model.processes.values() if view.state != "exited"}
         for name, view in model.processes.items():
+            # A replaced generation leaves the table a while after it exits.
+            exited_long_ago = view.exited_t is not None and model.now - view.exited_t > EXITED_SHOWN_SECONDS
+            if view.state == "exited" and exited_long_ago and view.role in alive_roles:
+                continue
             alive = view.state not in ("exited", "idle")
             uptime = model.now - view.started_t if alive and view.started_t is not None else None
             state = view.state if view.state != "exited" else _exit_words(view.detail)
             rows[name] = (
-                role_text(name),
+                role_text(view.role) if name == view.role else Text(name, style=ROLE_STYLES.get(view.role, "")),
                 str(view.pid or "-"),
                 str(view.generation),
                 Text(state, style=STATE_STYLES.get(view.state, "")),
