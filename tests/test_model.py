@@ -142,3 +142,22 @@ def test_close_before_release_finishes():
     model = fold(started_workers() + steps)
     assert "100:1" not in model.connections
     assert model.closed[-1].outcome == "served"
+
+
+def test_forwarder_events_first_no_leak():
+    """The forwarder's pipe may deliver a whole connection before the server's events arrive."""
+    steps = handoff("100:1", 2.0)
+    forwarder_side = [o for o in steps if o["event"]["role"] == "forwarder"]
+    server_side = [o for o in steps if o["event"]["role"] == "server"]
+    model = fold(started_workers() + forwarder_side + server_side)
+    assert model.connections == {}
+    assert len(model.closed) == 1
+
+
+def test_server_events_first_no_leak():
+    steps = handoff("100:1", 2.0)
+    forwarder_side = [o for o in steps if o["event"]["role"] == "forwarder"]
+    server_side = [o for o in steps if o["event"]["role"] == "server"]
+    model = fold(started_workers() + server_side + forwarder_side)
+    assert model.connections == {}
+    assert model.closed[-1].held_by == ["server", "forwarder"]

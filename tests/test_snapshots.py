@@ -13,6 +13,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
 # Seconds into the upgrade fixture when both server generations hold the listener.
 UPGRADE_OVERLAP = 2.0
+# Seconds into each fixture just before the recording session stopped its workers.
+BEFORE_CLOSE = {"steady": 2.9, "forwarder_killed": 3.3, "upgrade_aborted": 1.3}
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +46,13 @@ async def settle(pilot) -> None:
 @pytest.mark.parametrize("size", SIZES)
 def test_steady_handoffs(snap_compare, size):
     """Handoffs at 20 per second, all answered by the forwarder."""
-    assert snap_compare(replay_app("steady.jsonl"), terminal_size=SIZES[size], run_before=settle)
+    assert snap_compare(replay_app("steady.jsonl", until=BEFORE_CLOSE["steady"]), terminal_size=SIZES[size], run_before=settle)
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_forwarder_killed_fallback(snap_compare, size):
     """The forwarder killed with SIGKILL; the server answers by fallback."""
-    assert snap_compare(replay_app("forwarder_killed.jsonl"), terminal_size=SIZES[size], run_before=settle)
+    assert snap_compare(replay_app("forwarder_killed.jsonl", until=BEFORE_CLOSE["forwarder_killed"]), terminal_size=SIZES[size], run_before=settle)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -62,7 +64,7 @@ def test_help_screen(snap_compare, size):
         await pilot.press("question_mark")
         await pilot.pause()
 
-    assert snap_compare(replay_app("steady.jsonl"), terminal_size=SIZES[size], run_before=open_help)
+    assert snap_compare(replay_app("steady.jsonl", until=BEFORE_CLOSE["steady"]), terminal_size=SIZES[size], run_before=open_help)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -101,7 +103,7 @@ def test_server_upgrade_aborted(snap_compare, size):
             await pilot.press("right", "right", "right")
             await pilot.pause()
 
-    assert snap_compare(replay_app("upgrade_aborted.jsonl"), terminal_size=SIZES[size], run_before=events_tab)
+    assert snap_compare(replay_app("upgrade_aborted.jsonl", until=BEFORE_CLOSE["upgrade_aborted"]), terminal_size=SIZES[size], run_before=events_tab)
 
 
 def test_slow_motion_model_has_shared():

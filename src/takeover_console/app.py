@@ -14,6 +14,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Container
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Static, Tab, Tabs
 from textual.worker import Worker, WorkerState
@@ -68,11 +69,14 @@ class TakeoverApp(App):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, session, refresh_interval: float = 0.25):
+    def __init__(self, session, refresh_interval: float = 0.25, script=None):
         super().__init__()
         self.session = session
+        # An optional coroutine function run after start-up with the app (the demo script).
+        self._script = script
         self._refresh_interval = refresh_interval
         self.frozen = False
+        self._quitting = False
         self._seen_version = -1
         self._forwarder_was_running: bool | None = None
 
@@ -106,6 +110,13 @@ class TakeoverApp(App):
     async def _start_session(self) -> None:
         await self.session.start()
         self.refresh_panes()
+        if self._script is not None:
+            await self._script(self)
+            self.say("demo script finished; the keys still work, q quits")
+
+    def say(self, text: str) -> None:
+        """Show a line of narration to the audience."""
+        self.notify(text, timeout=6)
 
     # Layout.
 
@@ -129,11 +140,17 @@ class TakeoverApp(App):
 
     def refresh_panes(self, force: bool = False) -> None:
         """Update every pane from the model, unless frozen or nothing changed (or ``force``)."""
-        if self.frozen or (self.model.version == self._seen_version and not force):
+        if self.frozen or self._quitting or (self.model.version == self._seen_version and not force):
             return
         self._seen_version = self.model.version
-        for pane in (ProcessesPane, TrafficPane, FdTablesPane, ConnectionsPane, EventLogPane):
-            self.query_one(pane).refresh_from(self.model)
+        try:
+            # The panes live on the first screen; the help screen may be on top of it.
+            main = self.screen_stack[0]
+            for pane in (ProcessesPane, TrafficPane, FdTablesPane, ConnectionsPane, EventLogPane):
+                main.query_one(pane).refresh_from(self.model)
+        except (NoMatches, IndexError):
+            # The app is starting or closing.
+            return
         self._update_status()
         running = self._forwarder_running()
         if running != self._forwarder_was_running:
@@ -157,7 +174,7 @@ class TakeoverApp(App):
             status.append("  SLOW MOTION", style="bold yellow")
         if self.frozen:
             status.append("  FROZEN (p to resume)", style="bold red")
-        self.query_one("#status", Static).update(status)
+        self.screen_stack[0].query_one("#status", Static).update(status)
 
     def _forwarder_running(self) -> bool:
         return bool(self.session.live and self.session.forwarder_running())
@@ -263,6 +280,7 @@ class TakeoverApp(App):
             self.push_screen(HelpScreen())
 
     async def action_quit(self) -> None:
+        self._quitting = True
         self.notify("stopping workers...")
         await self.session.close()
         self.exit()

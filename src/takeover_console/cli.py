@@ -15,7 +15,7 @@ from takeover_console.events import EventLog
 from takeover_console.lifecycle import exit_with_parent
 from takeover_console.logs import setup_logging
 from takeover_console.netaddr import AddressError, parse_host_port
-from takeover_console.socketfile import SocketFileError, default_handoff_path
+from takeover_console.socketfile import SocketFileError, check_socket_path, default_handoff_path
 from takeover_console.takeover import TakeoverError
 
 log = logging.getLogger("takeover_console")
@@ -53,10 +53,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser, log_level: str = "INFO") -> None:
-    parser.add_argument("--events", metavar="PATH", help="write structured events as JSON lines to PATH, or - for stdout (default: none)")
+def _add_common(parser: argparse.ArgumentParser, log_level: str = "INFO", worker: bool = True) -> None:
+    if worker:
+        parser.add_argument("--events", metavar="PATH", help="write structured events as JSON lines to PATH, or - for stdout (default: none)")
     parser.add_argument("--log-level", default=log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help=f"stderr log level (default: {log_level})")
-    parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits (used by the console for its workers)")
+    if worker:
+        parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits (used by the console for its workers)")
 
 
 def _add_process(parser: argparse.ArgumentParser) -> None:
@@ -118,19 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--json", action="store_true", help="print one JSON summary instead of a line per reply")
     _add_common(client)
 
-    demo = commands.add_parser("demo", help="run server, forwarder and client together and print what happened", description="Run server, forwarder and client, kill the forwarder halfway, start it again, and print a summary.")
-    demo.add_argument("--headless", action="store_true", help="print to the terminal instead of opening the console")
+    demo = commands.add_parser("demo", help="a scripted run: kill the forwarder halfway, start it again", description="Run server, forwarder and client; kill the forwarder halfway, start it again at three quarters, then switch on slow motion. In the console, or printed with --headless.")
+    demo.add_argument("--headless", action="store_true", help="print what happens to the terminal instead of running the script in the console")
     demo.add_argument("--duration", type=_positive_float, default=6.0, help="seconds to run (default: 6)")
     demo.add_argument("--rate", type=_positive_float, default=50.0, metavar="PER_S", help="client connections per second (default: 50)")
     demo.add_argument("--record", metavar="FILE", help="write every observation to FILE as JSON lines, for replay")
-    _add_common(demo, log_level="WARNING")
+    _add_common(demo, log_level="WARNING", worker=False)
 
     replay = commands.add_parser("replay", help="show a recorded session again, with no process started", description="Feed a file written with --record back through the console.")
     replay.add_argument("file", metavar="FILE", help="a recording written with --record")
-    replay.add_argument("--speed", type=_non_negative_float, default=1.0, help="playback speed; 2 is twice as fast, 0 loads everything at once (default: 1)")
+    replay.add_argument("--speed", type=_non_negative_float, default=1.0, help="console playback speed; 2 is twice as fast, 0 loads everything at once (default: 1); --headless always loads at once")
     replay.add_argument("--until", type=_non_negative_float, metavar="S", help="stop S seconds after the start of the recording (default: play it all)")
     replay.add_argument("--headless", action="store_true", help="print a summary instead of opening the console")
-    _add_common(replay, log_level="WARNING")
+    _add_common(replay, log_level="WARNING", worker=False)
     return parser
 
 
@@ -173,7 +175,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _handoff_path(args: argparse.Namespace) -> Path:
-    return Path(args.handoff) if args.handoff else default_handoff_path()
+    path = Path(args.handoff) if args.handoff else default_handoff_path()
+    check_socket_path(path, "--handoff")
+    return path
+
+
+def _control_path(args: argparse.Namespace) -> Path | None:
+    if not args.control:
+        return None
+    check_socket_path(Path(args.control), "--control")
+    return Path(args.control)
 
 
 def _run_program(args: argparse.Namespace, role: str, factory) -> int:
@@ -204,7 +215,7 @@ def _run_server(args: argparse.Namespace) -> int:
     listen = [parse_host_port(text, "--listen") for text in (args.listen or [DEFAULT_ADDRESS])]
     config = ServerConfig(
         listen=listen,
-        control_path=Path(args.control) if args.control else None,
+        control_path=_control_path(args),
         takeover=args.takeover,
         ready_timeout=args.ready_timeout,
         inject_fault=args.inject_fault,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 import time
@@ -163,12 +164,28 @@ async def run_client(config: ClientConfig, events: EventLog, on_outcome: Callabl
         if on_outcome is not None:
             on_outcome(outcome)
 
+    stop = asyncio.Event()
+    try:
+        # SIGTERM ends the run: no new requests, the ones in flight finish, the summary is printed.
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (RuntimeError, ValueError):
+        pass  # not the main thread: the caller stops the run some other way
     for index in range(config.count):
+        if stop.is_set():
+            break
         if config.rate > 0:
             delay = start + index / config.rate - loop.time()
             if delay > 0:
-                await asyncio.sleep(delay)
+                try:
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+                    break
+                except TimeoutError:
+                    pass
         await limit.acquire()
+        if stop.is_set():
+            limit.release()
+            break
         task = asyncio.create_task(one(index))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

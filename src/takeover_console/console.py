@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from takeover_console.netaddr import AddressError, open_tcp_listener, parse_host_port
-from takeover_console.observations import RecordingError
+from takeover_console.observations import RecordingError, read_recording
 from takeover_console.session import LiveSession, ReplaySession, SessionConfig
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,19 @@ def run_console(args: argparse.Namespace) -> int:
     return asyncio.run(_run_app(LiveSession(config)))
 
 
-async def _run_app(session) -> int:
+def run_scripted_console(config: SessionConfig, duration: float) -> int:
+    """Run the console with the demo script driving the workers, for a hands-free stage demo."""
+    from takeover_console.demo import run_script
+
+    _log_to_file(None)
+    session = LiveSession(config)
+    return asyncio.run(_run_app(session, script=lambda app: run_script(session, duration, app.say)))
+
+
+async def _run_app(session, script=None) -> int:
     from takeover_console.app import TakeoverApp
 
-    app = TakeoverApp(session)
+    app = TakeoverApp(session, script=script)
     try:
         await app.run_async()
     finally:
@@ -59,6 +68,8 @@ def run_replay(args: argparse.Namespace) -> int:
     """Replay a recording in the console, or print its summary with --headless."""
     path = Path(args.file)
     try:
+        # Check the file before the UI takes the terminal, so a bad path is a plain error.
+        next(iter(read_recording(path)), None)
         if args.headless:
             return asyncio.run(_replay_headless(path, args.until))
         _log_to_file(None)
@@ -71,6 +82,7 @@ def run_replay(args: argparse.Namespace) -> int:
 async def _replay_headless(path: Path, until: float | None) -> int:
     from takeover_console.demo import print_summary
 
+    # Headless replay folds the whole file at once; --speed only paces the console.
     session = ReplaySession(path, speed=0, until=until)
     await session.start()
     print(f"replayed {session.count} observations from {path}")

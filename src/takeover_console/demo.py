@@ -10,6 +10,20 @@ from pathlib import Path
 from takeover_console.session import FORWARDER, LiveSession, SessionConfig
 
 
+async def run_script(session: LiveSession, duration: float, say) -> None:
+    """Kill the forwarder halfway, start it again at three quarters, then slow motion; ``say`` narrates."""
+    await asyncio.sleep(duration / 2)
+    say("killing the forwarder (SIGKILL): connections fall back to the server")
+    session.kill_forwarder()
+    await asyncio.sleep(duration / 4)
+    say("starting the forwarder again: handoffs resume once the server's channel is up")
+    await session.start_forwarder()
+    await session.wait_channel_up()
+    say("slow motion: the server keeps each handed-over socket 1.5 s and clients wait 0.5 s before sending")
+    await session.set_slow_motion(True)
+    await asyncio.sleep(duration / 4)
+
+
 async def run_headless(config: SessionConfig, duration: float, out=sys.stdout) -> LiveSession:
     """Run the session for ``duration`` seconds, killing the forwarder halfway and starting it at three quarters.
 
@@ -27,19 +41,16 @@ async def run_headless(config: SessionConfig, duration: float, out=sys.stdout) -
                 print(f"  t+{entry.t - (session.model.start_t or entry.t):6.2f}s  {entry.text}", file=out)
         printed = session.model.logged
 
+    def say(text: str) -> None:
+        print_new_log_lines()
+        print(f"-- {text}", file=out)
+
     try:
         await session.start()
         print(f"server {session.server_address}, forwarder on {session.handoff}, client at {config.client_rate:g} connections/s", file=out)
-        await asyncio.sleep(duration / 2)
-        print_new_log_lines()
-        print("-- killing the forwarder (SIGKILL): connections fall back to the server", file=out)
-        session.kill_forwarder()
-        await asyncio.sleep(duration / 4)
-        print_new_log_lines()
-        print("-- starting the forwarder again in slow motion: handoffs resume, each socket in both fd tables a moment", file=out)
-        await session.start_forwarder()
-        await session.set_slow_motion(True)
-        await asyncio.sleep(duration / 4)
+        await run_script(session, duration, say)
+        say("stopping the client: requests in flight finish first")
+        await session.pause_client()
         print_new_log_lines()
     finally:
         await session.close()
@@ -60,11 +71,17 @@ def print_summary(session, out=sys.stdout) -> None:
     print("summary:", file=out)
     print(f"  answered by forwarder  {counters.by_forwarder}", file=out)
     print(f"  answered by server     {counters.by_server}", file=out)
-    print(f"  failed                 {counters.failed} {dict(counters.errors) if counters.errors else ''}", file=out)
+    print(f"  failed                 {counters.failed}{_counts(counters.errors)}", file=out)
     print(f"  handoffs               {counters.handoffs} (round trip p50 {_ms(handoff_p50)})", file=out)
-    print(f"  fallbacks              {counters.fallbacks} {dict(counters.fallback_reasons)}", file=out)
+    print(f"  fallbacks              {counters.fallbacks}{_counts(counters.fallback_reasons)}", file=out)
     print(f"  peak shared sockets    {model.shared_peak} (one socket in two fd tables at once)", file=out)
     print(f"  client latency         p50 {_ms(p50)}, p99 {_ms(p99)}", file=out)
+
+
+def _counts(counter) -> str:
+    if not counter:
+        return ""
+    return " (" + ", ".join(f"{reason}: {count}" for reason, count in counter.most_common()) + ")"
 
 
 def _ms(value: float | None) -> str:
@@ -72,12 +89,16 @@ def _ms(value: float | None) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Entry point of ``takeover-console demo``."""
+    """Entry point of ``takeover-console demo``: the script in the console, or printed with --headless."""
     config = SessionConfig(
         listen="127.0.0.1:0",
         client_rate=args.rate,
         record=Path(args.record) if getattr(args, "record", None) else None,
     )
+    if not args.headless:
+        from takeover_console.console import run_scripted_console
+
+        return run_scripted_console(config, args.duration)
     session = asyncio.run(run_headless(config, args.duration))
     print_summary(session)
     return 1 if session.model.counters.failed else 0

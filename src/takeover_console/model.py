@@ -19,6 +19,8 @@ LOG_ENTRIES_KEPT = 500
 CLOSED_CONNECTIONS_KEPT = 50
 LATENCIES_KEPT = 2000
 RATE_SECONDS_KEPT = 120
+# Ids of closed connections remembered, so late events of the other process do not reopen them.
+FINISHED_IDS_KEPT = 20000
 # Open connections tracked at most; beyond it the oldest are dropped from the view.
 OPEN_CONNECTIONS_KEPT = 5000
 
@@ -111,6 +113,7 @@ class SessionModel:
         self.version = 0
         self.logged = 0  # log entries ever appended, including those the deque dropped
         self._names_by_pid: dict[int, str] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
         # Socket inodes with a part to play: "listener", "handoff socket", "handoff channel".
         self.inode_labels: dict[int, str] = {}
         self.slow_motion = False
@@ -180,6 +183,10 @@ class SessionModel:
 
     def _connection(self, conn_id: str, t: float) -> ConnectionView:
         conn = self.connections.get(conn_id)
+        if conn is None and conn_id in self._finished:
+            # Events of two processes arrive on two pipes, so one side's events can come
+            # after the other side closed the connection. They update a detached view.
+            return ConnectionView(id=conn_id, opened_t=t)
         if conn is None:
             conn = ConnectionView(id=conn_id, opened_t=t)
             self.connections[conn_id] = conn
@@ -191,8 +198,11 @@ class SessionModel:
         conn.closed_t = t
         conn.outcome = outcome
         conn.state = "closed"
-        self.connections.pop(conn.id, None)
-        self.closed.append(conn)
+        if self.connections.pop(conn.id, None) is not None:
+            self.closed.append(conn)
+        self._finished[conn.id] = None
+        if len(self._finished) > FINISHED_IDS_KEPT:
+            self._finished.popitem(last=False)
 
     def _on_started(self, view: ProcessView, event: dict, t: float) -> None:
         if view.state in ("idle", "exited"):
@@ -213,7 +223,8 @@ class SessionModel:
         self.slow_motion = bool(event.get("on"))
 
     def _on_accepted(self, view: ProcessView, event: dict, t: float) -> None:
-        conn = self._connection(str(event.get("conn")), t)
+        conn_id = str(event.get("conn"))
+        conn = self._connection(conn_id, t)
         conn.peer = str(event.get("peer", "?"))
         conn.inode = event.get("inode")
         conn.hold("server", event.get("fd"))
@@ -232,6 +243,8 @@ class SessionModel:
             conn = self.connections.get(conn_id)
             if conn is not None:
                 conn.state = "taken"
+                # TAKEN means the forwarder holds the socket, even before its own event arrives.
+                conn.hold("forwarder", event.get("peer_fd"))
             return
         conn = self._connection(conn_id, t)
         if event.get("peer"):

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 SERVER = "server"
 FORWARDER = "forwarder"
 CLIENT = "client"
+# Seconds a client may take to finish its requests in flight after SIGTERM.
+CLIENT_STOP_TIMEOUT = 3.0
 # In slow motion the client keeps each connection open this long after sending its request.
-SLOW_MOTION_HOLD = 1.0
+SLOW_MOTION_HOLD = 0.5
 # Requests a continuous client sends before it would stop by itself (about a day at 5/s).
 CLIENT_COUNT = 500_000
 START_TIMEOUT = 10.0
@@ -75,6 +77,9 @@ class LiveSession:
         self.server_name = SERVER
         self.forwarder_name = FORWARDER
         self.upgrading: str | None = None
+        # Client restarts run one at a time, so quick key presses never start two clients.
+        self._client_lock = asyncio.Lock()
+        self._channel_up = asyncio.Event()
         self.server_address: str | None = None
 
     def _make_handoff_path(self) -> Path:
@@ -103,6 +108,10 @@ class LiveSession:
                 self.server_name = worker.name
             else:
                 self.forwarder_name = worker.name
+        if event.get("kind") == "channel_up" and worker.role == SERVER:
+            self._channel_up.set()
+        elif event.get("kind") == "channel_down" and worker.role == SERVER:
+            self._channel_up.clear()
         if event.get("kind") == "listening":
             if worker.role == SERVER:
                 self.server_address = event.get("addr")
@@ -148,6 +157,10 @@ class LiveSession:
 
     async def start_client(self) -> None:
         """(Re)start the client worker at the current rate."""
+        async with self._client_lock:
+            await self._restart_client()
+
+    async def _restart_client(self) -> None:
         if self.server_address is None:
             return
         client = self.supervisor.workers[CLIENT]
@@ -160,7 +173,8 @@ class LiveSession:
         ]
         if self.slow_motion:
             client.args += ["--hold", f"{SLOW_MOTION_HOLD:g}"]
-        await self.supervisor.stop(CLIENT, timeout=1.0)
+        # SIGTERM lets the client finish the requests it has in flight.
+        await self.supervisor.stop(CLIENT, timeout=CLIENT_STOP_TIMEOUT)
         await self.supervisor.start(CLIENT)
         self.client_paused = False
 
@@ -201,10 +215,20 @@ class LiveSession:
         if not self.forwarder_running():
             await self._start_and_wait(self.forwarder_name)
 
+    async def wait_channel_up(self, timeout: float = START_TIMEOUT) -> bool:
+        """Wait until the server has a handoff channel to a forwarder."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._channel_up.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def pause_client(self) -> None:
         """Stop the client's load; ``resume_client`` starts it again."""
-        await self.supervisor.stop(CLIENT, timeout=1.0)
-        self.client_paused = True
+        async with self._client_lock:
+            self.client_paused = True
+            await self.supervisor.stop(CLIENT, timeout=CLIENT_STOP_TIMEOUT)
 
     async def resume_client(self) -> None:
         """Start the client's load again at the current rate."""

@@ -146,6 +146,16 @@ def _describe_owner(path: Path) -> str:
         probe.close()
 
 
+# sun_path holds 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(path: Path, option: str = "socket path") -> None:
+    """Raise SocketFileError when ``path`` is too long to be a Unix socket address."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise SocketFileError(f"{option} {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket allows; pass a shorter path")
+
+
 def bind_unix_listener(path: Path, backlog: int = UNIX_BACKLOG) -> BoundSocket:
     """Bind and listen on a Unix stream socket at ``path`` with mode 0600.
 
@@ -153,8 +163,7 @@ def bind_unix_listener(path: Path, backlog: int = UNIX_BACKLOG) -> BoundSocket:
     not a socket or cannot be used.
     """
     path = Path(path)
-    if len(os.fsencode(path)) >= 108:
-        raise SocketFileError(f"socket path {path} is longer than the 107 bytes a Unix socket allows; pass a shorter path")
+    check_socket_path(path)
     try:
         lock_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
