@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--protocol", choices=["native", "seed"], default="native", help="native: persistent acknowledged channel; seed: the reference demo's framing, one dial per connection (default: native)")
     server.add_argument("--reply-timeout", type=_positive_float, default=300.0, metavar="MS", help="milliseconds to wait for TAKEN or REJECTED before serving a connection here (default: 300)")
     server.add_argument("--slow-motion", type=_positive_float, default=1500.0, metavar="MS", help="milliseconds the server keeps its copy of a handed-over socket while slow motion is on; SIGUSR1 turns it on, SIGUSR2 off (default: 1500)")
+    server.add_argument("--ownership", choices=["done", "taken"], default="done", help="done: keep a copy of each handed-over socket until the forwarder reports DONE, so a forwarder crash loses no request; taken: close it at TAKEN, fewer fds for long connections (default: done)")
     server.add_argument("--backlog", type=_positive_int, default=1024, help="TCP listen backlog in connections (default: 1024)")
     _add_process(server)
     _add_common(server)
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     forwarder.add_argument("--handoff", metavar="PATH", help="Unix socket to listen on (default: handoff.sock in the private runtime directory)")
     forwarder.add_argument("--takeover", action="store_true", help="take the handoff socket over from the forwarder running at --handoff, instead of binding it")
     forwarder.add_argument("--ready-timeout", type=_positive_float, default=5.0, help="seconds a takeover may take from request to READY before the old forwarder aborts it (default: 5)")
+    forwarder.add_argument("--inject-fault", choices=["crash-after-receive", "crash-after-read", "crash-after-reply", "crash-before-done"], help="for tests: exit at once at this point of the first connection")
     forwarder.add_argument("--max-connections", type=_positive_int, default=1000, help="connections served at once; offers beyond it are rejected (default: 1000)")
     _add_process(forwarder)
     _add_common(forwarder)
@@ -219,6 +221,7 @@ def _run_server(args: argparse.Namespace) -> int:
         takeover=args.takeover,
         ready_timeout=args.ready_timeout,
         inject_fault=args.inject_fault,
+        ownership=args.ownership,
         handoff_path=_handoff_path(args),
         protocol=args.protocol,
         reply_timeout=args.reply_timeout / 1000,
@@ -242,6 +245,7 @@ def _run_forwarder(args: argparse.Namespace) -> int:
         allowed_uids=frozenset(args.allow_uid or ()),
         takeover=args.takeover,
         ready_timeout=args.ready_timeout,
+        inject_fault=args.inject_fault,
     )
     return _run_program(args, "forwarder", lambda events: Forwarder(config, events))
 

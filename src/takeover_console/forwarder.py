@@ -16,6 +16,7 @@ import reprlib
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from takeover_console import events as ev
@@ -38,6 +39,16 @@ DETECT_TIMEOUT = 2.0
 MAX_OFFER_ID = 256
 
 
+# Runs once when the forwarder is finished with a connection, with how it ended.
+Finished = Callable[[ServeResult], None]
+
+
+def _crash(point: str) -> None:
+    log.error("injected fault: crashing after %s", point)
+    logging.shutdown()
+    os._exit(3)
+
+
 @dataclass
 class ForwarderConfig:
     """Options of one forwarder process; times are in seconds."""
@@ -49,6 +60,8 @@ class ForwarderConfig:
     allowed_uids: frozenset[int] = field(default_factory=frozenset)
     takeover: bool = False
     ready_timeout: float = 5.0
+    # Test-only crash points: crash-after-receive, -read, -reply, crash-before-done.
+    inject_fault: str | None = None
 
 
 class Forwarder:
@@ -64,7 +77,7 @@ class Forwarder:
         self._serving: set[asyncio.Task] = set()
         self._channels: set[Channel] = set()
         self._peers: set[_PeerDetector] = set()
-        self._awaiting_verdict: dict[str, tuple[socket.socket, int]] = {}
+        self._awaiting_verdict: dict[str, tuple] = {}
         self._errors = RepeatLimiter()
         self._donor: DonorSession | None = None
         self._handed_over = False
@@ -248,60 +261,76 @@ class Forwarder:
         peer = ipc.format_address(sock.getpeername()) if self.events.enabled else None
         self.take_and_serve(sock, conn_id, {"peer": peer, "from_pid": from_pid, "peer_fd": peer_fd, "protocol": protocol})
 
-    def take_and_serve(self, sock: socket.socket, conn_id: str, taken: dict) -> None:
-        """Emit ``taken`` for a connection this forwarder now owns, and serve it.
+    def take_and_serve(self, sock: socket.socket, conn_id: str, taken: dict, owner: bool = True, finished: Finished | None = None) -> None:
+        """Emit ``taken`` for a connection this forwarder now serves, and serve it.
 
         The reply goes out before any event is written when the request is already
-        there, so event writing stays off the client's path.
+        there, so event writing stays off the client's path. ``owner`` is False when the
+        server keeps a copy until DONE; ``finished`` runs once the connection is done.
         """
         fd = sock.fileno()
         inode = ipc.socket_inode(fd) if self.events.enabled else None
         taken_ns = time.monotonic_ns()
-        result = serve_now(sock, ipc.REPLY_BY_FORWARDER)
+        result = serve_now(sock, ipc.REPLY_BY_FORWARDER, owner=owner, checkpoint=self._checkpoint)
         self.events.emit(ev.TAKEN, conn=conn_id, fd=fd, inode=inode, **taken)
         if result is not None:
-            self._report_served(conn_id, fd, taken_ns, result)
+            self._report_served(conn_id, fd, taken_ns, result, finished)
         else:
-            self.serve(sock, conn_id, taken_ns)
+            self.serve(sock, conn_id, taken_ns, owner, finished)
 
-    def serve(self, sock: socket.socket, conn_id: str, taken_ns: int | None = None) -> None:
-        """Serve a connection this forwarder owns, in a task that waits for its request."""
-        task = self._loop.create_task(self._serve(sock, conn_id, taken_ns or time.monotonic_ns()))
+    def serve(self, sock: socket.socket, conn_id: str, taken_ns: int | None = None, owner: bool = True, finished: Finished | None = None) -> None:
+        """Serve a connection in a task that waits for its request."""
+        task = self._loop.create_task(self._serve(sock, conn_id, taken_ns or time.monotonic_ns(), owner, finished))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
 
-    async def _serve(self, sock: socket.socket, conn_id: str, taken_ns: int) -> None:
+    async def _serve(self, sock: socket.socket, conn_id: str, taken_ns: int, owner: bool, finished: Finished | None) -> None:
         fd = sock.fileno()
-        result = await serve_connection(sock, ipc.REPLY_BY_FORWARDER, self.config.read_timeout)
-        self._report_served(conn_id, fd, taken_ns, result)
+        try:
+            result = await serve_connection(sock, ipc.REPLY_BY_FORWARDER, self.config.read_timeout, owner=owner, checkpoint=self._checkpoint)
+        except asyncio.CancelledError:
+            # Cut off at the drain deadline: the copy is closed unanswered, and the server,
+            # which kept its own copy, answers the request once this channel closes.
+            self._report_served(conn_id, fd, taken_ns, ServeResult("cut off at the drain deadline"), finished)
+            raise
+        self._report_served(conn_id, fd, taken_ns, result, finished)
 
-    def _report_served(self, conn_id: str, fd: int, taken_ns: int, result: ServeResult) -> None:
+    def _report_served(self, conn_id: str, fd: int, taken_ns: int, result: ServeResult, finished: Finished | None = None) -> None:
         self.served_total += 1
         if result.served:
             latency_ms = (time.monotonic_ns() - taken_ns) / 1e6
             self.events.emit(ev.SERVED, conn=conn_id, fd=fd, bytes_in=result.bytes_in, latency_ms=round(latency_ms, 3))
         self.events.emit(ev.CLOSED, conn=conn_id, fd=fd, outcome=result.outcome)
+        if finished is not None:
+            finished(result)
 
-    def park_for_verdict(self, conn_id: str, sock: socket.socket, from_pid: int) -> None:
+    def _checkpoint(self, point: str) -> None:
+        """Crash on purpose at ``point`` when --inject-fault asks for it (tests only)."""
+        if self.config.inject_fault == f"crash-after-{point}":
+            _crash(point)
+
+    def park_for_verdict(self, conn_id: str, sock: socket.socket, from_pid: int, owner: bool = True, finished: Finished | None = None) -> None:
         """Hold a connection whose TAKEN may have been late until the server's VERDICT."""
-        self._awaiting_verdict[conn_id] = (sock, from_pid)
+        self._awaiting_verdict[conn_id] = (sock, from_pid, owner, finished)
 
     def settle_verdict(self, conn_id: str, owner: str | None) -> None:
         """Serve or drop a parked connection: owner "server" means the server serves it."""
         parked = self._awaiting_verdict.pop(conn_id, None)
         if parked is None:
             return
-        sock, _ = parked
+        sock, _, sole_owner, finished = parked
         if owner == "server":
             fd = sock.fileno()
             sock.close()
             self.events.emit(ev.CLOSED, conn=conn_id, fd=fd, outcome="server serves it (late TAKEN)")
+            if finished is not None:
+                finished(ServeResult("server serves it"))
         else:
-            self.serve(sock, conn_id)
+            self.serve(sock, conn_id, owner=sole_owner, finished=finished)
 
     def settle_all_verdicts(self, from_pid: int) -> None:
         """The server of these offers is gone, so nobody else can serve them: serve them here."""
-        for conn_id, (_, pid) in list(self._awaiting_verdict.items()):
+        for conn_id, (_, pid, _, _) in list(self._awaiting_verdict.items()):
             if pid == from_pid:
                 self.settle_verdict(conn_id, "forwarder")
 
@@ -329,15 +358,12 @@ class Forwarder:
             log.info("removed socket file %s", self.bound.path)
         for peer in list(self._peers):
             peer.close()
-        for channel in list(self._channels):
-            if self._donor is not None and channel is self._donor.channel:
-                continue  # the takeover channel carries DRAINED once the drain is over
-            # Offers still unread are closed with the channel; the server serves them.
+        for channel in self._server_channels():
+            # Offers already waiting are rejected now (this process is stopping), so the server serves them.
             channel.poll()
-            channel.send(ipc.BYE, {"reason": "forwarder stopping"})
-            channel.close("forwarder stopping")
         for conn_id in list(self._awaiting_verdict):
             self.settle_verdict(conn_id, "forwarder")
+        # The channels stay open while connections drain, so each DONE reaches its server.
         if self._serving:
             await asyncio.wait(set(self._serving), timeout=self.config.drain_timeout)
         cut = [task for task in self._serving if not task.done()]
@@ -347,6 +373,14 @@ class Forwarder:
         if cut:
             log.warning("drain timeout of %g s reached: cut off %d connections", self.config.drain_timeout, len(cut))
             await asyncio.gather(*cut, return_exceptions=True)
+        for channel in self._server_channels():
+            channel.send(ipc.BYE, {"reason": "forwarder stopping"})
+            channel.close("forwarder stopping")
+
+    def _server_channels(self) -> list[Channel]:
+        """Open channels from servers, leaving out a takeover channel (it carries DRAINED at the end)."""
+        donor_channel = self._donor.channel if self._donor is not None else None
+        return [channel for channel in self._channels if channel is not donor_channel and not channel.closed]
 
 
 class _PeerDetector:
@@ -450,6 +484,9 @@ class _NativeSession:
         self.close_reported = False
         # Set when the peer is a new forwarder taking the listener over.
         self.donation: DonorSession | None = None
+        # Connections taken on this channel and not finished yet; BYE waits for them.
+        self.in_flight: set[str] = set()
+        self.closing = False
 
     def on_frame(self, frame: ipc.Frame) -> None:
         fw = self.forwarder
@@ -474,8 +511,12 @@ class _NativeSession:
             self.channel.send(ipc.PONG, {"sent_ns": sent_ns if isinstance(sent_ns, int) else None})
         elif frame.type == ipc.BYE:
             # Every offer sent before BYE has been answered, since frames are handled in order.
+            # The channel stays open until the connections taken on it are done, so their
+            # DONE frames reach the server, which would otherwise answer them itself.
             log.info("server pid %d closes the channel: %s", self.creds.pid, frame.payload.get("reason", "no reason given"))
-            self.channel.close(f"server said BYE: {frame.payload.get('reason', 'no reason given')}")
+            self.closing = True
+            if not self.in_flight:
+                self.channel.close(f"server said BYE: {frame.payload.get('reason', 'no reason given')}")
         else:
             frame.close_fds()
             fw._report_error(f"unexpected {frame.name} frame from server pid {self.creds.pid}; ignored")
@@ -521,18 +562,39 @@ class _NativeSession:
         except ipc.InvalidFd as exc:
             self._reject(conn_id, str(exc))
             return
+        if fw.config.inject_fault == "crash-after-receive":
+            _crash("receive")
         fd = sock.fileno()
         self.channel.send(ipc.TAKEN, {"id": conn_id, "fd": fd})
         taken = {"peer": frame.payload.get("peer"), "from_pid": self.creds.pid, "peer_fd": peer_fd, "protocol": "native"}
+        # With "done" the server keeps its copy until DONE, so this process is not the only owner.
+        wants_done = frame.payload.get("done") is True
+        finished = self._finisher(conn_id) if wants_done else None
+        self.in_flight.add(conn_id)
         if time.monotonic_ns() >= deadline:
             # TAKEN may have reached the server after it gave up: ask before serving.
             log.warning("TAKEN for %s was sent after its deadline; asking the server who serves it", conn_id)
             fw.events.emit(ev.TAKEN, conn=conn_id, fd=fd, inode=ipc.socket_inode(fd), **taken)
-            fw.park_for_verdict(conn_id, sock, self.creds.pid)
+            fw.park_for_verdict(conn_id, sock, self.creds.pid, owner=not wants_done, finished=finished or self._finisher(conn_id, send=False))
             self.channel.send(ipc.QUERY, {"id": conn_id})
             fw.events.emit(ev.QUERIED, conn=conn_id, fd=fd)
             return
-        fw.take_and_serve(sock, conn_id, taken)
+        fw.take_and_serve(sock, conn_id, taken, owner=not wants_done, finished=finished or self._finisher(conn_id, send=False))
+
+    def _finisher(self, conn_id: str, send: bool = True) -> Finished:
+        """Return the callback that ends a connection on this channel, with DONE when ``send``."""
+
+        def finished(result: ServeResult) -> None:
+            if send:
+                if self.forwarder.config.inject_fault == "crash-before-done":
+                    _crash("reply, before DONE")
+                if self.channel is not None and not self.channel.closed:
+                    self.channel.send(ipc.DONE, {"id": conn_id, "outcome": result.outcome})
+            self.in_flight.discard(conn_id)
+            if self.closing and not self.in_flight and self.channel is not None:
+                self.channel.close("server said BYE and every connection is done")
+
+        return finished
 
     def _reject(self, conn_id: str, reason: str) -> None:
         fw = self.forwarder

@@ -1,9 +1,15 @@
 """The server's side of the handoff: the persistent native channel and the seed dialer.
 
-Ownership rule of the native protocol: the server keeps its copy of a connection's fd
-until TAKEN arrives, then closes its copy (never shutdown(), which would end the
-connection for the forwarder too). An offer that gets REJECTED, no reply by its
-deadline, or whose channel closes, is served by the server.
+Ownership rules of the native protocol. With "done" (the default) the server keeps its
+copy of a connection's fd until the forwarder reports DONE, after its reply. If the
+channel closes first (the forwarder died), the server looks at the socket: when no reply
+was written it serves the request, which the forwarder only peeked at; otherwise it
+closes its copy. So every request gets exactly one reply whatever the instant of the
+crash. With "taken" the server closes its copy at TAKEN, which holds fewer fds for
+long-lived connections but loses the requests a dying forwarder had taken. The server
+never calls shutdown() on a handed-over socket, which would end it for the forwarder
+too. An offer that gets REJECTED, no reply by its deadline, or whose channel closes, is
+served by the server.
 
 Every OFFER carries ``deadline_ns`` on CLOCK_MONOTONIC, which all processes of one host
 share. The forwarder takes an offer only before its deadline, and the server, when the
@@ -30,6 +36,7 @@ from takeover_console import ipc
 from takeover_console.channel import Channel
 from takeover_console.events import EventLog
 from takeover_console.logs import RepeatLimiter, repeats_note
+from takeover_console.serving import finish_after_reply, reply_written
 
 if TYPE_CHECKING:
     from takeover_console.server import Connection, ServerConfig
@@ -58,6 +65,14 @@ class ForwarderChannel:
     peer_pid: int
     hello: asyncio.Future
     closed: asyncio.Future
+
+
+@dataclass
+class HeldConnection:
+    """A connection the forwarder took while the server keeps its copy until DONE."""
+
+    conn: "Connection"
+    via: ForwarderChannel
 
 
 @dataclass
@@ -90,6 +105,7 @@ class NativeLink:
         # Set when an offer timed out; cleared by any frame from the forwarder.
         self.unresponsive = False
         self.pending: dict[str, PendingOffer] = {}
+        self.held: dict[str, HeldConnection] = {}
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._stopping = False
         self._idle = asyncio.Event()
@@ -110,8 +126,8 @@ class NativeLink:
 
     @property
     def pending_count(self) -> int:
-        """Offers waiting for an answer."""
-        return len(self.pending)
+        """Offers waiting for an answer, and taken connections waiting for DONE."""
+        return len(self.pending) + len(self.held)
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the channel; return True when it is up.
@@ -207,7 +223,7 @@ class NativeLink:
         via = self.current
         now = time.monotonic_ns()
         deadline = now + int(self.config.reply_timeout * 1e9)
-        payload = {"id": conn.id, "peer": conn.peer, "local": conn.local, "fd": conn.fd, "deadline_ns": deadline}
+        payload = {"id": conn.id, "peer": conn.peer, "local": conn.local, "fd": conn.fd, "deadline_ns": deadline, "done": self.config.ownership == "done"}
         if not via.channel.send(ipc.OFFER, payload, (conn.fd,)):
             return "channel down"
         timer = self._loop.call_at(deadline / 1e9, self._on_deadline, conn.id)
@@ -246,9 +262,12 @@ class NativeLink:
         self._owners[conn_id] = owner
         if len(self._owners) > REMEMBERED_OUTCOMES:
             self._owners.popitem(last=False)
-        if not self.pending:
-            self._idle.set()
+        self._check_idle()
         return offer
+
+    def _check_idle(self) -> None:
+        if not self.pending and not self.held:
+            self._idle.set()
 
     def _on_frame(self, via: ForwarderChannel, frame: ipc.Frame) -> None:
         frame.close_fds()
@@ -282,6 +301,20 @@ class NativeLink:
         conn = offer.conn
         round_trip_ms = (time.monotonic_ns() - offer.sent_ns) / 1e6
         self.events.emit(ev.TAKEN, conn=conn.id, fd=conn.fd, peer_fd=payload.get("fd"), latency_ms=round(round_trip_ms, 3))
+        if self.config.ownership == "done":
+            self.held[conn.id] = HeldConnection(conn, via)
+            self._idle.clear()
+            return
+        self._release_later(conn)
+
+    def _on_done(self, via: ForwarderChannel, payload: dict) -> None:
+        held = self.held.pop(str(payload.get("id")), None)
+        if held is None:
+            return
+        self._check_idle()
+        self._release_later(held.conn)
+
+    def _release_later(self, conn: "Connection") -> None:
         if self.config.release_delay > 0:
             # Slow motion: keep our copy a visible moment, so both fd tables show the socket.
             self._loop.call_later(self.config.release_delay, self._release, conn)
@@ -347,12 +380,14 @@ class NativeLink:
         ipc.BYE: _on_bye,
         ipc.PONG: _on_pong,
         ipc.MIGRATE: _on_migrate,
+        ipc.DONE: _on_done,
     }
 
     def _on_close(self, via: ForwarderChannel, reason: str) -> None:
         for conn_id in [conn_id for conn_id, offer in self.pending.items() if offer.via is via]:
             offer = self._resolve(conn_id, "server")
             self._fallback(offer.conn, f"channel down before a reply: {reason}")
+        self._recover_held(via)
         if via.hello.done():
             self.events.emit(ev.CHANNEL_DOWN, reason=reason, peer_pid=via.peer_pid)
             level = logging.INFO if self._stopping or via is not self.current else logging.WARNING
@@ -364,6 +399,18 @@ class NativeLink:
             self.current = None
         if not via.closed.done():
             via.closed.set_result(reason)
+
+    def _recover_held(self, via: ForwarderChannel) -> None:
+        """Answer the requests a vanished forwarder took but did not finish, exactly once."""
+        for conn_id in [conn_id for conn_id, held in self.held.items() if held.via is via]:
+            conn = self.held.pop(conn_id).conn
+            if reply_written(conn.sock):
+                log.info("forwarder pid %d left %s after its reply; closing our copy", via.peer_pid, conn_id)
+                finish_after_reply(conn.sock)
+                self.events.emit(ev.RELEASED, conn=conn.id, fd=conn.fd)
+            else:
+                self._fallback(conn, "forwarder gone before replying")
+        self._check_idle()
 
     async def wait_idle(self, timeout: float) -> None:
         """Stop offering and wait up to ``timeout`` seconds for answers to pending offers."""

@@ -57,6 +57,7 @@ READY = 11  # new -> old: accepting on every listener; the old one stops accepti
 ABORT = 12  # new -> old: the takeover failed; the old one keeps everything
 DRAINED = 13  # old -> new: the old generation finished, with what it had to cut off
 MIGRATE = 14  # old forwarder -> server: open a channel to the new forwarder, then leave this one
+DONE = 15  # forwarder -> server: finished with a connection (reply written, or no reply possible)
 
 # HELLO "intent" of a peer that wants to take the listeners over.
 INTENT_TAKEOVER = "takeover"
@@ -76,6 +77,7 @@ FRAME_NAMES = {
     ABORT: "ABORT",
     DRAINED: "DRAINED",
     MIGRATE: "MIGRATE",
+    DONE: "DONE",
 }
 # How many fds each frame type must carry.
 # LISTENERS carries from 1 to MAX_FDS_PER_MESSAGE fds, as many as its payload describes.

@@ -59,6 +59,8 @@ class ServerConfig:
     slow_motion_delay: float = 1.5
     takeover: bool = False
     inject_fault: str | None = None
+    # "done": keep our copy until the forwarder's DONE (lossless); "taken": close it at TAKEN.
+    ownership: str = "done"
 
 
 @dataclass

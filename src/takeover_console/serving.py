@@ -1,13 +1,29 @@
-"""Serving one accepted connection the way the reference demo does: one read, one reply, close."""
+"""Serving one accepted connection the way the reference demo does: one read, one reply, close.
+
+The request is read with MSG_PEEK and consumed only after the reply is written, and the
+end of the reply is marked with shutdown(SHUT_WR). If the process dies at any instant,
+another process holding a copy of the socket can tell from the socket itself whether a
+reply went out (``reply_written``), and if none did, still finds the request there.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import struct
+import termios
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from takeover_console.ipc import REQUEST_MAX
+
+# A hook called at "read" (request peeked) and "reply" (reply written), for fault tests.
+Checkpoint = Callable[[str], None]
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_sent is a u64 at offset 200, since Linux 4.19.
+_TCP_INFO_SIZE = 232
+_BYTES_SENT_OFFSET = 200
 
 
 @dataclass
@@ -23,93 +39,155 @@ class ServeResult:
         return self.outcome == "served"
 
 
-def serve_now(sock: socket.socket, reply: bytes) -> ServeResult | None:
+def reply_written(sock: socket.socket) -> bool:
+    """True when any byte was written on this connection, sent or still queued.
+
+    It reads the kernel's counters of the socket, shared by every process that holds it:
+    bytes waiting in the send queue (SIOCOUTQ) and bytes sent (TCP_INFO tcpi_bytes_sent).
+    """
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        if queued > 0:
+            return True
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except OSError:
+        return False
+    if len(info) < _BYTES_SENT_OFFSET + 8:
+        return False
+    return struct.unpack_from("Q", info, _BYTES_SENT_OFFSET)[0] > 0
+
+
+def finish_after_reply(sock: socket.socket) -> None:
+    """Complete a connection whose reply another process wrote before it died.
+
+    The request it only peeked at is consumed first: closing a socket with unread data
+    makes the kernel send RST, which can cost the client the reply it has not read yet.
+    """
+    try:
+        while sock.recv(REQUEST_MAX, socket.MSG_DONTWAIT):
+            pass
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def serve_now(sock: socket.socket, reply: bytes, owner: bool = True, checkpoint: Checkpoint | None = None) -> ServeResult | None:
     """Serve at once when the request has already arrived; return None when it has not.
 
     Most requests are in the socket's receive queue by the time the fd is taken, so this
-    serves them without a task, a timer or another trip through the event loop. When
-    the request is missing or the reply does not fit the send buffer at once, nothing is
-    consumed or sent and the caller falls back to serve_connection().
+    serves them without a task, a timer or another trip through the event loop. When the
+    request is missing, nothing is consumed or sent and the caller falls back to
+    serve_connection(). ``owner`` says whether this process alone answers for the
+    connection (see _close).
     """
     try:
         request = sock.recv(REQUEST_MAX, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError as exc:
-        _close(sock)
+        _close(sock, owner)
         return ServeResult(f"read failed: {exc.strerror or exc}")
     if not request:
-        _close(sock)
+        _close(sock, owner)
         return ServeResult("client closed before sending a request")
+    if checkpoint is not None:
+        checkpoint("read")
+    return _reply(sock, reply, request, owner, checkpoint)
+
+
+def _reply(sock: socket.socket, reply: bytes, request: bytes, owner: bool, checkpoint: Checkpoint | None) -> ServeResult:
     try:
         sent = sock.send(reply)
-    except (BlockingIOError, InterruptedError):
-        return None
+        if sent < len(reply):
+            _finish_partial(sock, reply[sent:])
     except OSError as exc:
-        _close(sock)
+        _close(sock, owner=True)
         return ServeResult(f"write failed: {exc.strerror or exc}", len(request))
-    if sent < len(reply):
-        # A partial write of a 17-byte reply only happens with a full send buffer; finish it the slow way.
-        return None if sent == 0 else _finish_partial(sock, reply[sent:], request)
-    sock.recv(REQUEST_MAX)  # consume the request that was peeked
-    _close(sock)
+    if checkpoint is not None:
+        checkpoint("reply")
+    # The reply is out: mark its end, so no second reply can follow, then consume the request.
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(REQUEST_MAX)
+    except OSError:
+        pass
+    _close(sock, owner=True)
     return ServeResult("served", len(request))
 
 
-def _finish_partial(sock: socket.socket, rest: bytes, request: bytes) -> ServeResult:
+def _finish_partial(sock: socket.socket, rest: bytes) -> None:
     # NOTE: this blocks the event loop for up to 1 s. It runs only when a reply of a few
     # bytes did not fit into a new connection's empty send buffer, which is not expected.
+    sock.setblocking(True)
+    sock.settimeout(1.0)
     try:
-        sock.setblocking(True)
-        sock.settimeout(1.0)
         sock.sendall(rest)
-        sock.recv(REQUEST_MAX)
-        return ServeResult("served", len(request))
-    except OSError as exc:
-        return ServeResult(f"write failed: {exc.strerror or exc}", len(request))
     finally:
-        _close(sock)
+        sock.setblocking(False)
 
 
-def _close(sock: socket.socket) -> None:
-    # The caller owns the connection. Another process may still have a copy of the fd
-    # (an offer that timed out, still in flight to a stopped forwarder). Then close()
-    # alone sends no FIN, and the client would wait for EOF.
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+def _close(sock: socket.socket, owner: bool) -> None:
+    # An owner shuts the connection down before closing: another process may still have a
+    # copy of the fd (an offer that timed out, in flight to a stopped forwarder), and then
+    # close() alone sends no FIN. A process that is not the owner and wrote no reply only
+    # closes its copy, so the owner can still answer the request.
+    if owner:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
     sock.close()
 
 
-async def serve_connection(sock: socket.socket, reply: bytes, read_timeout: float, hold: Callable[[], Awaitable[None]] | None = None) -> ServeResult:
-    """Read one request of up to REQUEST_MAX bytes, write ``reply`` and close the socket.
+async def serve_connection(
+    sock: socket.socket,
+    reply: bytes,
+    read_timeout: float,
+    hold: Callable[[], Awaitable[None]] | None = None,
+    owner: bool = True,
+    checkpoint: Checkpoint | None = None,
+) -> ServeResult:
+    """Wait up to ``read_timeout`` seconds for the request, then serve it as serve_now() does.
 
-    A client that sends nothing within ``read_timeout`` seconds, closes first or resets
-    the connection gets no reply; ``outcome`` names which. ``hold``, when given, is awaited
-    between reading the request and replying. The socket is always shut down
-    and closed (see _close).
+    A client that sends nothing in time, closes first or resets the connection gets no
+    reply; ``outcome`` names which. ``hold``, when given, is awaited between reading the
+    request and replying. The socket is always closed, and shut down by an owner.
     """
     loop = asyncio.get_running_loop()
+    done = False
     try:
-        try:
-            async with asyncio.timeout(read_timeout):
-                request = await loop.sock_recv(sock, REQUEST_MAX)
-        except TimeoutError:
-            return ServeResult(f"no request within {read_timeout:g} s")
-        except OSError as exc:
-            return ServeResult(f"read failed: {exc.strerror or exc}")
+        async with asyncio.timeout(read_timeout):
+            while True:
+                readable = loop.create_future()
+                loop.add_reader(sock.fileno(), readable.set_result, None)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(sock.fileno())
+                try:
+                    request = sock.recv(REQUEST_MAX, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                break
+    except TimeoutError:
+        result = ServeResult(f"no request within {read_timeout:g} s")
+    except OSError as exc:
+        result = ServeResult(f"read failed: {exc.strerror or exc}")
+    else:
         if not request:
-            return ServeResult("client closed before sending a request")
-        if hold is not None:
-            await hold()
-        try:
-            async with asyncio.timeout(read_timeout):
-                await loop.sock_sendall(sock, reply)
-        except TimeoutError:
-            return ServeResult(f"reply not written within {read_timeout:g} s", len(request))
-        except OSError as exc:
-            return ServeResult(f"write failed: {exc.strerror or exc}", len(request))
-        return ServeResult("served", len(request))
+            result = ServeResult("client closed before sending a request")
+        else:
+            if checkpoint is not None:
+                checkpoint("read")
+            if hold is not None:
+                await hold()
+            done = True
+            return _reply(sock, reply, request, owner, checkpoint)
     finally:
-        _close(sock)
+        if not done and sock.fileno() >= 0:
+            _close(sock, owner)
+    return result
