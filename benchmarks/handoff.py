@@ -68,11 +68,15 @@ READ_TIMEOUT = 5.0
 ROW_DIRECT = "direct"
 ROW_HANDOFF = "handoff"
 ROW_FALLBACK = "fallback"
+ROW_TAKEN = "taken"
 ROW_TITLES = {
     ROW_DIRECT: "direct asyncio server, no handoff",
     ROW_HANDOFF: "server -> forwarder (native)",
     ROW_FALLBACK: "fallback: server, no forwarder",
+    ROW_TAKEN: "server -> forwarder, --ownership taken",
 }
+# The lossless ownership rule (the default, "done") may cost at most 10% of the throughput of "taken".
+TARGET_LOSSLESS_RATIO = 0.9
 TARGET_RATE_RATIO = 0.7
 TARGET_ROUND_TRIP_RATIO = 1.5
 
@@ -307,6 +311,17 @@ def start_servers(processes: Processes, workdir: Path, loop_name: str) -> Server
             "--drain-timeout", "1", "--events", str(server_events.path),
         ),
     )
+    # A second pair with the older ownership rule, to measure what the lossless rule costs.
+    taken_path = workdir / "handoff-taken.sock"
+    taken_forwarder = processes.start("forwarder-taken", program_argv(loop_name, "forwarder", "--handoff", str(taken_path), "--drain-timeout", "1"))
+    taken_events = EventFile(workdir / "server-taken.jsonl")
+    taken_server = processes.start(
+        "server-taken",
+        program_argv(
+            loop_name, "server", "--listen", "127.0.0.1:0", "--handoff", str(taken_path), "--ownership", "taken",
+            "--drain-timeout", "1", "--events", str(taken_events.path),
+        ),
+    )
     # The fallback server's handoff path never exists, so it serves every connection itself.
     fallback_events = EventFile(workdir / "server-fallback.jsonl")
     fallback = processes.start(
@@ -324,12 +339,19 @@ def start_servers(processes: Processes, workdir: Path, loop_name: str) -> Server
         ports[ROW_HANDOFF] = port_of(server_events.wait_for("listening", server))
         server_events.wait_for("channel_up", server)
         ports[ROW_FALLBACK] = port_of(fallback_events.wait_for("listening", fallback))
+        ports[ROW_TAKEN] = port_of(taken_events.wait_for("listening", taken_server))
+        taken_events.wait_for("channel_up", taken_server)
     except BenchmarkError as exc:
         logs = "\n".join(f"--- {name}.log:\n{processes.log_tail(name)}" for name, _ in processes.started)
         raise BenchmarkError(f"a server did not start: {exc}\n{logs}") from None
     if forwarder.poll() is not None:
         raise BenchmarkError(f"forwarder exited with status {forwarder.returncode}:\n{processes.log_tail('forwarder')}")
-    pids = {ROW_DIRECT: (direct.pid,), ROW_HANDOFF: (server.pid, forwarder.pid), ROW_FALLBACK: (fallback.pid,)}
+    pids = {
+        ROW_DIRECT: (direct.pid,),
+        ROW_HANDOFF: (server.pid, forwarder.pid),
+        ROW_FALLBACK: (fallback.pid,),
+        ROW_TAKEN: (taken_server.pid, taken_forwarder.pid),
+    }
     return Servers(ports, pids, server_events, direct_info["loop_class"])
 
 
@@ -470,7 +492,7 @@ class Results:
 
 def run_rounds(processes: Processes, servers: Servers, args: argparse.Namespace, deadline: float) -> Results:
     """Run every row at every concurrency once per round, rotating the row order each round."""
-    rows = [ROW_DIRECT, ROW_HANDOFF, ROW_FALLBACK]
+    rows = [ROW_DIRECT, ROW_HANDOFF, ROW_FALLBACK, ROW_TAKEN]
     results = Results(rows={(row, c): RowRuns() for row in rows for c in CONCURRENCIES})
     client_timeout = max(30.0, args.count / 50)
 
@@ -610,7 +632,7 @@ def throughput_lines(results: Results, count: int) -> tuple[list[str], dict[tupl
     ]
     rates: dict[tuple[str, int], float | None] = {}
     for concurrency in CONCURRENCIES:
-        for row in (ROW_DIRECT, ROW_HANDOFF, ROW_FALLBACK):
+        for row in (ROW_DIRECT, ROW_HANDOFF, ROW_TAKEN, ROW_FALLBACK):
             runs = results.rows[(row, concurrency)]
             summaries = runs.summaries
             per_round_rates = [summary["connections_per_s"] for summary in summaries]
@@ -624,7 +646,7 @@ def throughput_lines(results: Results, count: int) -> tuple[list[str], dict[tupl
             cpu_per_connection = median_of(runs.cpu_per_connection_us)
             spread = f"({min(per_round_rates):.0f}-{max(per_round_rates):.0f})" if per_round_rates else ""
             lines.append(
-                f"  {ROW_TITLES[row]:<36} {concurrency:>3} {format_number(rate, 0):>8} {spread:>15}"
+                f"  {ROW_TITLES[row]:<38} {concurrency:>3} {format_number(rate, 0):>8} {spread:>15}"
                 f" {format_number(p50, 3):>8} {format_number(p99, 3):>8} {format_number(cpu_per_connection, 0):>12}"
                 f"  {by_server}/{by_forwarder}, {failed}"
             )
@@ -651,6 +673,16 @@ def ratio_lines(rates: dict[tuple[str, int], float | None], handoff_p50: float |
                 rates[(ROW_DIRECT, concurrency)],
                 f">= {TARGET_RATE_RATIO}",
                 lambda ratio: ratio >= TARGET_RATE_RATIO,
+            )
+        )
+    for concurrency in CONCURRENCIES:
+        lines.append(
+            ratio_line(
+                f"lossless (done) conn/s / taken-rule conn/s, c={concurrency}",
+                rates[(ROW_HANDOFF, concurrency)],
+                rates.get((ROW_TAKEN, concurrency)),
+                f">= {TARGET_LOSSLESS_RATIO}",
+                lambda ratio: ratio >= TARGET_LOSSLESS_RATIO,
             )
         )
     lines.append(
