@@ -83,6 +83,7 @@ class Forwarder:
         self._handed_over = False
         self._sessions: set[_NativeSession] = set()
         self.served_total = 0
+        self._session_closed = asyncio.Event()
         self._cut_last_drain = 0
         self._shut_down = False
 
@@ -175,8 +176,13 @@ class Forwarder:
         served_before = self.served_total
         deadline = self._loop.time() + self.config.drain_timeout
         # Servers close their old channels once their new ones are up; wait for that.
-        while any(native.greeted and not native.channel.closed for native in self._sessions) and self._loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        while any(native.greeted and not native.channel.closed for native in self._sessions):
+            self._session_closed.clear()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
+                    await self._session_closed.wait()
+            except TimeoutError:
+                break
         await self._shutdown()
         cut = self._cut_last_drain
         session.finish(served=self.served_total - served_before, cut=cut)
@@ -619,6 +625,7 @@ class _NativeSession:
 
     def on_close(self, reason: str) -> None:
         self.forwarder._sessions.discard(self)
+        self.forwarder._session_closed.set()
         if self.donation is not None:
             self.donation.on_close(reason)
             return
