@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-# observation.py, next to this file, has the measuring helpers; the script's directory is on sys.path.
+# observation.py, next to this file, has the measuring helpers. Python puts the script's directory on sys.path.
 from observation import (  # noqa: E402
     BenchmarkError,
     Probe,
@@ -149,7 +149,7 @@ class TmuxConsole:
         return done.stdout
 
     def start(self) -> None:
-        """Start the command in a new session; ``launched_mono`` is the time just before."""
+        """Start the command in a new session and set ``launched_mono`` to the time just before."""
         width, height = self.size
         shell_command = "exec " + " ".join(shlex.quote(part) for part in self.command)
         self.launched_mono = time.monotonic()
@@ -165,22 +165,22 @@ class TmuxConsole:
         output = self.tmux("display-message", "-p", "-t", self.name, "#{pid}", check=False).strip()
         return int(output) if output.isdigit() else None
 
-    def wait_for(self, predicate, timeout: float, what: str) -> tuple[float, str]:
-        """Poll the screen until ``predicate(screen)`` holds; return the seconds since launch and the screen."""
+    def wait_for(self, predicate, timeout: float, description: str) -> tuple[float, str]:
+        """Poll the screen until ``predicate(screen)`` holds, then return the seconds since launch and the screen."""
         deadline = time.monotonic() + timeout
         screen = ""
         while time.monotonic() < deadline:
             captured = self.capture()
             if captured is None:
-                raise BenchmarkError(f"the console exited before {what}; its last screen:\n{screen}")
+                raise BenchmarkError(f"the console exited before {description}. Its last screen:\n{screen}")
             screen = captured
             if predicate(screen):
                 return time.monotonic() - self.launched_mono, screen
             time.sleep(POLL_INTERVAL)
-        raise BenchmarkError(f"the console did not reach {what} within {timeout:g} s; its screen:\n{screen}")
+        raise BenchmarkError(f"the console did not reach {description} within {timeout:g} s. Its screen:\n{screen}")
 
     def wait_until_running(self, timeout: float = LAUNCH_TIMEOUT) -> dict[str, ProcessRow]:
-        """Wait until the screen shows all three workers running; remember and return their rows."""
+        """Wait until the screen shows all three workers running, then store their pids and return their rows."""
         _, screen = self.wait_for(lambda text: all_running(parse_processes(text)), timeout, "all three workers running")
         rows = parse_processes(screen)
         self.worker_pids = {name: row.pid for name, row in rows.items()}
@@ -189,14 +189,14 @@ class TmuxConsole:
     def quit(self) -> None:
         """Send "q", wait for the console to exit, and check that no worker it showed is left.
 
-        Raises BenchmarkError when the console or a worker is still running; the caller's
+        Raises BenchmarkError when the console or a worker is still running. The caller's
         ``close()`` then kills them.
         """
         self.tmux("send-keys", "-t", self.name, "q", check=False)
         deadline = time.monotonic() + QUIT_TIMEOUT
         while self.pid is not None and pid_alive(self.pid):
             if time.monotonic() > deadline:
-                raise BenchmarkError(f"console pid {self.pid} still running {QUIT_TIMEOUT:g} s after q")
+                raise BenchmarkError(f"console pid {self.pid} did not exit within {QUIT_TIMEOUT:g} s of q")
             time.sleep(0.05)
         asyncio.run(check_workers_gone(self.worker_pids))
 
@@ -441,8 +441,8 @@ def launch_report(launches: list[Launch]) -> list[str]:
         ("the first frame (Processes pane drawn)", [launch.first_frame for launch in launches]),
         ("all three workers shown as running", [launch.all_running for launch in launches]),
     ):
-        each = " ".join(f"{value:.2f}" for value in values)
-        lines.append(f"  {label:<44} {percentile(values, 50):6.2f} {max(values):6.2f}  {each}")
+        each_launch = " ".join(f"{value:.2f}" for value in values)
+        lines.append(f"  {label:<44} {percentile(values, 50):6.2f} {max(values):6.2f}  {each_launch}")
     slowest = max(launch.all_running for launch in launches)
     verdict = "met" if slowest < TARGET_LAUNCH_SECONDS else "NOT met"
     lines.append(f"  target: all three workers running on screen under {TARGET_LAUNCH_SECONDS:g} s: max {slowest:.2f} s ({verdict})")

@@ -4,10 +4,10 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/observation.py [--seconds 20] [--rounds 1] [--rate 500]
 
-Each run starts a LiveSession in this process, as the console does: the server, forwarder
-and client run as worker processes, and this process reads their JSON-line events from
-pipes, runs the fd-table sampler on a thread of the default executor and folds every
-observation into the SessionModel. The window starts ``--warmup`` seconds after all three
+Each run starts a LiveSession in this process, as the console does. The server, forwarder
+and client run as worker processes. This process reads their JSON-line events from pipes,
+runs the fd-table sampler on a thread of the default executor and folds every observation
+into the SessionModel. The window starts ``--warmup`` seconds after all three
 workers run and lasts ``--seconds`` seconds. Over it, the script measures:
 
 - the CPU time of this process (user plus system, from getrusage(RUSAGE_SELF), so every
@@ -44,6 +44,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ READY_TIMEOUT = 15.0
 EXIT_CHECK_TIMEOUT = 5.0
 TARGET_CPU_PERCENT = 10.0
 WORKERS = (SERVER, FORWARDER, CLIENT)
+# asyncio names the threads of its default executor asyncio_0, asyncio_1, ...
+EXECUTOR_THREAD_PREFIX = "asyncio_"
 
 
 class BenchmarkError(Exception):
@@ -134,6 +137,25 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds() -> dict[int, float]:
+    """Return the user plus system CPU time of each live thread of this process, by thread id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for name in os.listdir("/proc/self/task"):
+        try:
+            text = Path(f"/proc/self/task/{name}/stat").read_text()
+        except OSError:
+            continue  # the thread ended after listdir()
+        fields = text.rsplit(")", 1)[1].split()
+        seconds[int(name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def executor_thread_ids() -> set[int]:
+    """Return the thread ids of the event loop's default executor, which runs the sampler's ticks."""
+    return {thread.native_id for thread in threading.enumerate() if thread.name.startswith(EXECUTOR_THREAD_PREFIX)}
+
+
 def pid_alive(pid: int) -> bool:
     """Tell whether a process exists and is not a zombie."""
     try:
@@ -144,7 +166,7 @@ def pid_alive(pid: int) -> bool:
 
 
 class Probe:
-    """A wrapper of LiveSession.observe that counts, times and keeps facts of each observation.
+    """A wrapper of LiveSession.observe that counts observations, times the call and keeps the sampler's tick times.
 
     The wrapper costs about a microsecond per observation, which the CPU figures include.
     """
@@ -186,12 +208,16 @@ class Snapshot:
     failed: int
     observe_seconds: float
     ticks: int
+    thread_cpu_seconds: dict[int, float]
+    executor_threads: set[int]
 
     @classmethod
     def take(cls, probe: Probe, pids: dict[str, int]) -> Snapshot:
         return cls(
             mono=time.monotonic(),
             cpu_seconds=own_cpu_seconds(),
+            thread_cpu_seconds=thread_cpu_seconds(),
+            executor_threads=executor_thread_ids(),
             worker_cpu_seconds={name: process_cpu_seconds(pid) for name, pid in pids.items()},
             counts=Counter(probe.counts),
             answered=probe.answered,
@@ -203,10 +229,14 @@ class Snapshot:
 
 @dataclass
 class Window:
-    """What one run measured between the end of its warm-up and its end."""
+    """The measurements of one run, from the end of its warm-up to the end of the run."""
 
     seconds: float
     cpu_percent: float
+    # The CPU by thread: "main" is the event loop, and "sampler" the default executor, where
+    # the sampler ticks. "other" is the rest, mostly the short-lived threads that read socket
+    # tables during a tick and have ended by the end of the window.
+    thread_percent: dict[str, float]
     observe_percent: float
     per_second: dict[str, float]
     answered_per_second: float
@@ -222,9 +252,19 @@ class Window:
         for name, before in start.worker_cpu_seconds.items():
             after = end.worker_cpu_seconds.get(name)
             workers[name] = None if before is None or after is None else 100.0 * (after - before) / seconds
+        cpu_percent = 100.0 * (end.cpu_seconds - start.cpu_seconds) / seconds
+
+        def thread_percent(thread_ids: set[int]) -> float:
+            used = sum(end.thread_cpu_seconds[tid] - start.thread_cpu_seconds.get(tid, 0.0) for tid in thread_ids if tid in end.thread_cpu_seconds)
+            return 100.0 * used / seconds
+
+        main = thread_percent({os.getpid()})
+        sampler = thread_percent(end.executor_threads)
         return cls(
             seconds=seconds,
-            cpu_percent=100.0 * (end.cpu_seconds - start.cpu_seconds) / seconds,
+            cpu_percent=cpu_percent,
+            # Per-thread times come in clock ticks, so the remainder can come out a little below zero.
+            thread_percent={"main": main, "sampler": sampler, "other": max(0.0, cpu_percent - main - sampler)},
             observe_percent=100.0 * (end.observe_seconds - start.observe_seconds) / seconds,
             per_second={kind: (end.counts[kind] - start.counts[kind]) / seconds for kind in set(end.counts) | set(start.counts)},
             answered_per_second=(end.answered - start.answered) / seconds,
@@ -235,7 +275,7 @@ class Window:
 
 
 async def wait_until_running(session: LiveSession, timeout: float = READY_TIMEOUT) -> dict[str, int]:
-    """Wait until the supervisor reports all three workers running; return their pids by name."""
+    """Wait until the supervisor reports all three workers running, then return their pids by name."""
     deadline = time.monotonic() + timeout
     while True:
         workers = session.supervisor.workers
@@ -248,7 +288,10 @@ async def wait_until_running(session: LiveSession, timeout: float = READY_TIMEOU
 
 
 async def measure_window(session: LiveSession, probe: Probe, warmup: float, seconds: float) -> tuple[Window, dict[str, int]]:
-    """Wait for the workers, let ``warmup`` seconds pass, then measure for ``seconds``; return the window and the worker pids."""
+    """Wait for the workers and ``warmup`` seconds, then measure for ``seconds``.
+
+    Return the window and the worker pids.
+    """
     pids = await wait_until_running(session)
     await asyncio.sleep(warmup)
     start = Snapshot.take(probe, pids)
@@ -336,59 +379,80 @@ def format_ms(value: float | None) -> str:
 
 def window_line(variant: Variant, window: Window) -> str:
     """Format one run's window as a line of progress output."""
+    threads = window.thread_percent
     workers = ", ".join(f"{name} {format_ms(percent)}%" for name, percent in window.worker_cpu_percent.items())
     return (
-        f"  {variant.name:<11} CPU {window.cpu_percent:5.1f}% of a core (observe() {window.observe_percent:4.1f}%),"
-        f" {window.per_second.get(EVENT, 0):6.0f} events/s, {window.answered_per_second:5.0f} conn/s answered,"
+        f"  {variant.name:<11} CPU {window.cpu_percent:5.1f}% of a core (main thread {threads['main']:.1f}%, sampler thread {threads['sampler']:.1f}%,"
+        f" other threads {threads['other']:.1f}%; inside observe() {window.observe_percent:.1f}%),"
+        f" {window.per_second.get(EVENT, 0):.0f} events/s, {window.answered_per_second:.0f} conn/s answered,"
         f" {len(window.tick_ms)} ticks; workers: {workers}"
     )
 
 
 def report_lines(results: dict[str, list[Window]], args: argparse.Namespace) -> list[str]:
-    """Return the table of medians, the cost split and the verdict on the target."""
+    """Return the tables of medians, the cost split and the verdict on the target."""
+    variants = [variant for variant in VARIANTS if results.get(variant.name)]
     lines = [
-        f"this process's CPU over a {args.seconds:g} s window, % of one core: median over {args.rounds} round(s), range in brackets",
-        f"  {'variant':<11} {'CPU %':>18} {'observe() %':>18} {'events/s':>9} {'conn/s':>7} {'failed':>6} {'tick p50 ms':>11} {'tick p99 ms':>11}  description",
+        f"this process's CPU over a {args.seconds:g} s window, % of one core (median over {args.rounds} round(s), range in brackets)",
+        f"  {'variant':<11} {'whole process':>18} {'main thread':>18} {'sampler thread':>18} {'other threads':>18} {'inside observe()':>18}",
     ]
-    medians: dict[str, float] = {}
-    for variant in VARIANTS:
-        windows = results.get(variant.name, [])
-        if not windows:
-            continue
-        cpu = [window.cpu_percent for window in windows]
-        medians[variant.name] = statistics.median(cpu)
+    medians: dict[tuple[str, str], float] = {}
+    for variant in variants:
+        windows = results[variant.name]
+        columns = {
+            "cpu": [window.cpu_percent for window in windows],
+            "main": [window.thread_percent["main"] for window in windows],
+            "sampler": [window.thread_percent["sampler"] for window in windows],
+            "other": [window.thread_percent["other"] for window in windows],
+            "observe": [window.observe_percent for window in windows],
+        }
+        for key, values in columns.items():
+            medians[(variant.name, key)] = statistics.median(values)
+        lines.append(f"  {variant.name:<11} " + " ".join(f"{median_range(values):>18}" for values in columns.values()))
+    lines.append("  main thread: the event loop (pipe reads, JSON parsing, folding, recording); sampler thread: the")
+    lines.append("  default executor, where the sampler ticks; other threads: the rest, mostly the short-lived")
+    lines.append("  threads that read socket tables during a tick. observe() is wall time inside LiveSession.observe().")
+
+    lines.append("")
+    lines.append("throughput and sampler ticks (medians over rounds; tick times pooled over rounds)")
+    lines.append(f"  {'variant':<11} {'events/s':>9} {'conn/s':>7} {'failed':>6} {'ticks/s':>8} {'tick p50 ms':>11} {'tick p99 ms':>11}  description")
+    for variant in variants:
+        windows = results[variant.name]
         ticks = [tick for window in windows for tick in window.tick_ms]
         lines.append(
-            f"  {variant.name:<11} {median_range(cpu):>18} {median_range([window.observe_percent for window in windows]):>18}"
-            f" {statistics.median(window.per_second.get(EVENT, 0) for window in windows):9.0f}"
+            f"  {variant.name:<11} {statistics.median(window.per_second.get(EVENT, 0) for window in windows):9.0f}"
             f" {statistics.median(window.answered_per_second for window in windows):7.0f}"
             f" {sum(window.failed for window in windows):6d}"
+            f" {statistics.median(window.per_second.get(SAMPLE, 0) for window in windows):8.1f}"
             f" {format_ms(percentile(ticks, 50)):>11} {format_ms(percentile(ticks, 99)):>11}  {variant.title}"
         )
         recorded = [window.extra["recorded MB"] / window.seconds for window in windows if "recorded MB" in window.extra]
         if recorded:
             lines.append(f"  {'':<11} the Recorder wrote {statistics.median(recorded):.2f} MB/s")
-
-    workers = [f"{name} {median_range([w.worker_cpu_percent[name] for ws in results.values() for w in ws if w.worker_cpu_percent.get(name) is not None])}%" for name in WORKERS]
+    workers = []
+    for name in WORKERS:
+        values = [window.worker_cpu_percent[name] for windows in results.values() for window in windows if window.worker_cpu_percent.get(name) is not None]
+        workers.append(f"{name} {median_range(values)}%")
     lines.append(f"  worker processes over all runs, % of one core: {', '.join(workers)}")
 
     lines.append("")
-    lines.append("cost split, estimated from differences of the medians above (% of one core)")
+    lines.append("cost split, % of one core (from the medians above)")
     splits = [
-        ("reading and parsing events", "parse-only", None),
-        ("folding into the model", "no-sampler", "parse-only"),
-        (f"fd-table sampler every {CONSOLE_SAMPLE_INTERVAL:g} s", "full", "no-sampler"),
-        ("Recorder", "recorder", "full"),
+        ("reading and parsing events (parse-only, main thread)", [("parse-only", "main", 1)]),
+        ("folding into the model (no-sampler, inside observe())", [("no-sampler", "observe", 1)]),
+        ("fd-table sampler (full, sampler and other threads)", [("full", "sampler", 1), ("full", "other", 1)]),
+        ("Recorder (inside observe(), recorder minus full)", [("recorder", "observe", 1), ("full", "observe", -1)]),
     ]
-    for label, minuend, subtrahend in splits:
-        if minuend in medians and (subtrahend is None or subtrahend in medians):
-            value = medians[minuend] - (medians[subtrahend] if subtrahend else 0.0)
-            lines.append(f"  {label:<36} {value:5.1f}")
+    for label, terms in splits:
+        if all((name, key) in medians for name, key, _ in terms):
+            value = sum(sign * medians[(name, key)] for name, key, sign in terms)
+            lines.append(f"  {label:<56} {value:5.1f}")
 
-    if "full" in medians:
-        verdict = "met" if medians["full"] < TARGET_CPU_PERCENT else "NOT met"
+    if ("full", "cpu") in medians:
+        full = medians[("full", "cpu")]
+        verdict = "met" if full < TARGET_CPU_PERCENT else "NOT met"
         lines.append("")
-        lines.append(f"target: the observation layer (variant full) under {TARGET_CPU_PERCENT:g}% of one core at {args.rate:g} connections/s: {medians['full']:.1f}% ({verdict})")
+        lines.append(f"target: the observation layer (variant full) under {TARGET_CPU_PERCENT:g}% of one core at {args.rate:g} connections/s: {full:.1f}% ({verdict})")
     return lines
 
 

@@ -28,7 +28,7 @@ from takeover_console.lifecycle import install_stop_signals
 from takeover_console.logs import RepeatLimiter, repeats_note
 from takeover_console.serving import ServeResult, serve_connection, serve_now
 from takeover_console.socketfile import BoundSocket, bind_unix_listener
-from takeover_console.takeover import DonorSession, Inheritance, TakeoverError, inherit, refuse_busy
+from takeover_console.takeover import DonorSession, Inheritance, TakeoverError, inherit, refuse_busy, report_drained
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Forwarder:
             inheritance.ready()
             self.events.emit(ev.TAKEOVER, side="new", phase="ready", peer_pid=inheritance.old_pid)
             log.info("took over %s from pid %d as generation %d", self.bound.path, inheritance.old_pid, self.events.generation)
-            asyncio.create_task(self._await_drained(inheritance), name="await-drained")
+            asyncio.create_task(report_drained(inheritance, self.events), name="await-drained")
         try:
             await self._stop.wait()
             await self._shutdown()
@@ -133,14 +133,6 @@ class Forwarder:
         inodes = [ipc.socket_inode(unix[0][0].fileno())]
         self.events.emit(ev.TAKEOVER, side="new", phase="fds_received", peer_pid=inheritance.old_pid, count=1, inodes=inodes)
         return inheritance
-
-    async def _await_drained(self, inheritance: Inheritance) -> None:
-        outcome = await inheritance.drained
-        if "closed" in outcome:
-            log.warning("old forwarder pid %d closed the takeover channel without DRAINED: %s", inheritance.old_pid, outcome["closed"])
-            return
-        self.events.emit(ev.TAKEOVER, side="new", phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
-        log.info("old forwarder pid %d drained: %s served, %s cut off", inheritance.old_pid, outcome.get("served"), outcome.get("cut"))
 
     # Takeover: this process as the old generation.
 

@@ -29,7 +29,7 @@ from takeover_console.logs import RepeatLimiter, repeats_note
 from takeover_console.netaddr import open_tcp_listener
 from takeover_console.serving import ServeResult, serve_connection, serve_now
 from takeover_console.socketfile import BoundSocket, SocketFileError, SocketInUse, bind_unix_listener, default_control_path
-from takeover_console.takeover import DonorSession, Inheritance, inherit, refuse_busy
+from takeover_console.takeover import DonorSession, Inheritance, inherit, refuse_busy, report_drained
 
 log = logging.getLogger(__name__)
 
@@ -198,16 +198,8 @@ class Server:
         inheritance.ready()
         self.events.emit(ev.TAKEOVER, side="new", phase="ready", peer_pid=inheritance.old_pid)
         log.info("took over %d listeners from pid %d as generation %d", len(inheritance.listeners), inheritance.old_pid, self.events.generation)
-        asyncio.create_task(self._await_drained(inheritance), name="await-drained")
+        asyncio.create_task(report_drained(inheritance, self.events), name="await-drained")
         return None
-
-    async def _await_drained(self, inheritance: Inheritance) -> None:
-        outcome = await inheritance.drained
-        if "closed" in outcome:
-            log.warning("old generation pid %d closed the takeover channel without DRAINED: %s", inheritance.old_pid, outcome["closed"])
-            return
-        self.events.emit(ev.TAKEOVER, side="new", phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
-        log.info("old generation pid %d drained: %s served, %s cut off", inheritance.old_pid, outcome.get("served"), outcome.get("cut"))
 
     # Takeover: this process as the old generation.
 

@@ -252,6 +252,16 @@ async def inherit(path: str, role: str, events: EventLog, allowed_uids: frozense
     return inheritance
 
 
+async def report_drained(inheritance: Inheritance, events: EventLog) -> None:
+    """Wait for the old generation's DRAINED and record it as the new side's ``drained`` phase."""
+    outcome = await inheritance.drained
+    if "closed" in outcome:
+        log.warning("old %s pid %d closed the takeover channel without DRAINED: %s", events.role, inheritance.old_pid, outcome["closed"])
+        return
+    events.emit(ev.TAKEOVER, side="new", phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
+    log.info("old %s pid %d drained: %s served, %s cut off", events.role, inheritance.old_pid, outcome.get("served"), outcome.get("cut"))
+
+
 async def _next_frame(received: asyncio.Queue, wanted: int) -> ipc.Frame:
     while True:
         item = await received.get()
