@@ -159,3 +159,26 @@ def test_import_check_sees_textual(tmp_path):
     node = tree.body[0]
     assert isinstance(node, ast.ImportFrom) and node.module.startswith("textual")
     assert os.path.isdir(PACKAGE / "panes")
+
+
+def test_forwarder_restarts_after_takeover_and_kill(workdir):
+    """r (takeover), then k, then f: the forwarder binds the socket again and handoffs resume."""
+
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            session = app.session
+            await wait_until(lambda: app.model.counters.by_forwarder >= 3, pilot)
+            await pilot.press("r")
+            await wait_until(lambda: session.forwarder_name == "forwarder-2" and session.upgrading is None, pilot)
+            await pilot.press("k")
+            await wait_until(lambda: not session.forwarder_running(), pilot)
+            await pilot.press("f")
+            await wait_until(session.forwarder_running, pilot)
+            handed = app.model.counters.by_forwarder
+            await wait_until(lambda: app.model.counters.by_forwarder >= handed + 3, pilot)
+            state = app.model.processes["forwarder-2"].state
+            await pilot.press("q")
+        return state
+
+    assert asyncio.run(scenario()) == "running"

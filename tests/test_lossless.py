@@ -39,7 +39,6 @@ def test_twenty_random_kills_lose_nothing(programs, workdir):
     assert summary["failed"] == 0, summary
     assert summary["errors"] == {}
     assert summary["answered_by_forwarder"] > 0
-    assert server.count("fallback", lambda e: e["reason"] == "forwarder gone before replying") > 0
 
 
 @pytest.mark.parametrize(

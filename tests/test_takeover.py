@@ -177,3 +177,16 @@ def test_listeners_sent_in_batches(programs, workdir):
     assert server.proc.wait(timeout=10) == 0
     for port in (ports[0], ports[20], ports[39]):
         assert run_client(port, count=2)["answered_by_server"] == 2
+
+
+def test_stalled_new_generation_exits(programs, workdir):
+    """A new server that wakes after the old one gave up must not accept beside it."""
+    server, _, handoff, control = start_stack(programs, workdir, "--ready-timeout", "1", forwarder=False)
+    port = port_of(server)
+    stalled = upgrade(programs, port, handoff, control, "stalled", "--ready-timeout", "1", "--inject-fault", "stall-before-ready")
+    server.wait_event("takeover", lambda e: e["phase"] == "aborted" and e["peer_pid"] == stalled.pid)
+    assert stalled.proc.wait(timeout=10) == 1
+    assert stalled.wait_event("takeover", lambda e: e["phase"] == "aborted")["side"] == "new"
+    assert server.proc.poll() is None
+    assert os.path.exists(control)
+    assert run_client(port, count=5)["answered_by_server"] == 5

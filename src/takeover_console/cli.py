@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--control", metavar="PATH", help="control socket for listener takeover (default: control-HOST-PORT.sock in the private runtime directory)")
     server.add_argument("--takeover", action="store_true", help="take the listening sockets over from the server running at --control (or the default control path of --listen), instead of binding")
     server.add_argument("--ready-timeout", type=_positive_float, default=5.0, help="seconds a takeover may take from request to READY before the old server aborts it (default: 5)")
-    server.add_argument("--inject-fault", choices=["crash-before-ready", "hang-before-ready", "slow-drain"], help="misbehave on purpose, for tests and demos: crash or hang as a new generation before READY, or stop answering while draining")
+    server.add_argument("--inject-fault", choices=["crash-before-ready", "hang-before-ready", "stall-before-ready", "slow-drain"], help="misbehave on purpose, for tests and demos: as a new generation crash before READY, hang without READY, or stall past --ready-timeout and then send READY; or stop answering while draining")
     server.add_argument("--handoff", metavar="PATH", help="the forwarder's Unix socket (default: handoff.sock in the private runtime directory)")
     server.add_argument("--protocol", choices=["native", "seed"], default="native", help="native: persistent acknowledged channel; seed: the reference demo's framing, one dial per connection (default: native)")
     server.add_argument("--reply-timeout", type=_positive_float, default=300.0, metavar="MS", help="milliseconds to wait for TAKEN or REJECTED before serving a connection here (default: 300)")

@@ -84,6 +84,7 @@ class Forwarder:
         self._sessions: set[_NativeSession] = set()
         self.served_total = 0
         self._session_closed = asyncio.Event()
+        self._abandoned = False
         self._cut_last_drain = 0
         self._shut_down = False
 
@@ -107,18 +108,22 @@ class Forwarder:
         log.info("listening for handoffs on %s", self.bound.path)
         self._loop.add_reader(fd, self._on_acceptable)
         if inheritance is not None:
-            inheritance.ready()
+            if not inheritance.ready():
+                log.error("the old forwarder pid %d gave up on this takeover before READY; exiting", inheritance.old_pid)
+                self.events.emit(ev.TAKEOVER, side="new", phase="aborted", peer_pid=inheritance.old_pid, reason="channel closed before READY")
+                self._loop.remove_reader(fd)
+                return 1
             self.events.emit(ev.TAKEOVER, side="new", phase="ready", peer_pid=inheritance.old_pid)
             log.info("took over %s from pid %d as generation %d", self.bound.path, inheritance.old_pid, self.events.generation)
-            asyncio.create_task(report_drained(inheritance, self.events), name="await-drained")
+            asyncio.create_task(report_drained(inheritance, self.events, self._abandon), name="await-drained")
         try:
             await self._stop.wait()
             await self._shutdown()
         finally:
             # After a takeover the file belongs to the new generation: only the last owner removes it.
-            if not self._handed_over and self.bound.remove_file():
+            if not self._handed_over and not self._abandoned and self.bound.remove_file():
                 log.info("removed socket file %s", self.bound.path)
-        return 0
+        return 1 if self._abandoned else 0
 
     async def _inherit(self) -> Inheritance:
         path = self.config.handoff_path
@@ -133,6 +138,12 @@ class Forwarder:
         inodes = [ipc.socket_inode(unix[0][0].fileno())]
         self.events.emit(ev.TAKEOVER, side="new", phase="fds_received", peer_pid=inheritance.old_pid, count=1, inodes=inodes)
         return inheritance
+
+    def _abandon(self, reason: str) -> None:
+        # The old generation kept the socket: drain what was taken here, then exit, and
+        # leave the socket file to its owner.
+        self._abandoned = True
+        self._stop.set()
 
     # Takeover: this process as the old generation.
 
@@ -352,7 +363,7 @@ class Forwarder:
         log.info("stopping: refusing new handoffs; draining %d connections", self.serving_count)
         self._loop.remove_reader(self.bound.sock.fileno())
         self.bound.sock.close()
-        if not self._handed_over and self.bound.remove_file():
+        if not self._handed_over and not self._abandoned and self.bound.remove_file():
             log.info("removed socket file %s", self.bound.path)
         for peer in list(self._peers):
             peer.close()

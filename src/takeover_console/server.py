@@ -93,6 +93,7 @@ class Server:
         self._donor: DonorSession | None = None
         self._handed_over = False
         self._stalled = False  # slow-drain fault: stop answering once draining
+        self._abandoned = False  # a takeover by this process was aborted after READY
         # Imported here to keep the two link kinds next to the code that uses them.
         from takeover_console.handoff_link import NativeLink, SeedLink
 
@@ -127,7 +128,7 @@ class Server:
         await self._shutdown()
         link_task.cancel()
         await asyncio.gather(link_task, return_exceptions=True)
-        return 0
+        return 1 if self._abandoned else 0
 
     def _open_listeners(self) -> None:
         for host, port in self.config.listen:
@@ -190,16 +191,29 @@ class Server:
             log.error("injected fault: crashing before READY")
             logging.shutdown()
             os._exit(3)
+        if fault == "stall-before-ready":
+            # Like a process stopped (SIGSTOP) past --ready-timeout, then continued.
+            log.error("injected fault: stalling %g s before READY", self.config.ready_timeout + 0.5)
+            await asyncio.sleep(self.config.ready_timeout + 0.5)
         if fault == "hang-before-ready":
             log.error("injected fault: never sending READY; waiting for the old server to give up")
             outcome = await inheritance.drained
             log.error("the old server ended the takeover: %s", outcome.get("closed", outcome))
             return 1
-        inheritance.ready()
+        if not inheritance.ready():
+            log.error("the old server pid %d gave up on this takeover before READY; exiting", inheritance.old_pid)
+            self.events.emit(ev.TAKEOVER, side="new", phase="aborted", peer_pid=inheritance.old_pid, reason="channel closed before READY")
+            return 1
         self.events.emit(ev.TAKEOVER, side="new", phase="ready", peer_pid=inheritance.old_pid)
         log.info("took over %d listeners from pid %d as generation %d", len(inheritance.listeners), inheritance.old_pid, self.events.generation)
-        asyncio.create_task(report_drained(inheritance, self.events), name="await-drained")
+        asyncio.create_task(report_drained(inheritance, self.events, self._abandon), name="await-drained")
         return None
+
+    def _abandon(self, reason: str) -> None:
+        # The old generation kept the listeners: finish what was accepted here, then exit.
+        # The control socket file still belongs to the old generation, so it stays.
+        self._abandoned = True
+        self._stop.set()
 
     # Takeover: this process as the old generation.
 
@@ -377,6 +391,6 @@ class Server:
             listener.close()
         if self._handed_over:
             self._donor.finish(served=in_flight - len(cut), cut=len(cut))
-        else:
+        elif not self._abandoned:
             self.control.remove_file()
         self.control.sock.close()

@@ -213,6 +213,9 @@ class LiveSession:
     async def start_forwarder(self) -> None:
         """Start the forwarder again (no-op while it runs)."""
         if not self.forwarder_running():
+            worker = self.supervisor.workers[self.forwarder_name]
+            # A generation started with --takeover binds the socket itself when started again.
+            worker.args = [arg for arg in worker.args if arg != "--takeover"]
             await self._start_and_wait(self.forwarder_name)
 
     async def wait_channel_up(self, timeout: float = START_TIMEOUT) -> bool:

@@ -139,7 +139,9 @@ def _describe_owner(path: Path) -> str:
     try:
         probe.connect(str(path))
         creds = peer_credentials(probe)
-        return f" (pid {creds.pid}, uid {creds.uid})"
+        # SO_PEERCRED names the process that called listen(); after a takeover that may be
+        # an earlier generation, so the message says "created by".
+        return f" (socket created by pid {creds.pid}, uid {creds.uid})"
     except OSError:
         return ""
     finally:

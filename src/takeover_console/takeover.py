@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_READY_TIMEOUT = 5.0
 HELLO_TIMEOUT = 2.0
-FAULTS = ("crash-before-ready", "hang-before-ready", "slow-drain")
 
 
 class TakeoverError(Exception):
@@ -165,9 +166,15 @@ class Inheritance:
     old_generation: int
     drained: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
-    def ready(self) -> None:
-        """Tell the old process that the new one accepts now."""
-        self.channel.send(ipc.READY, {})
+    def ready(self) -> bool:
+        """Tell the old process that the new one accepts now; False when the channel is gone.
+
+        A closed channel means the old process already gave up on this takeover (for
+        example after --ready-timeout while this one was stopped) and kept its listeners.
+        """
+        if self.channel.closed:
+            return False
+        return self.channel.send(ipc.READY, {})
 
     def abort(self, reason: str) -> None:
         """Tell the old process to keep everything, and close the channel."""
@@ -184,6 +191,8 @@ async def inherit(path: str, role: str, events: EventLog, allowed_uids: frozense
     from takeover_console.handoff_link import uid_allowed
 
     loop = asyncio.get_running_loop()
+    if os.path.exists(path) and not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise TakeoverError(f"{path} is not a socket, so no running {role} listens there; pass the running {role}'s socket path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -234,15 +243,20 @@ async def inherit(path: str, role: str, events: EventLog, allowed_uids: frozense
         if not channel.closed:
             channel.send(ipc.ABORT, {"reason": reason})
             channel.close(reason)
-        raise TakeoverError(f"takeover from pid {creds.pid} failed: {reason}") from None
+        raise TakeoverError(f"takeover through {path} failed: {reason}") from None
 
     inheritance = Inheritance(listeners=listeners, channel=channel, old_pid=int(hello.payload.get("pid") or creds.pid), old_generation=int(hello.payload.get("gen") or 1))
     state["drained"] = inheritance.drained
 
     def after_ready(frame: ipc.Frame) -> None:
         frame.close_fds()
-        if frame.type == ipc.DRAINED and not inheritance.drained.done():
+        if inheritance.drained.done():
+            return
+        if frame.type == ipc.DRAINED:
             inheritance.drained.set_result(frame.payload)
+        elif frame.type == ipc.BYE:
+            # The old process says why it closes: an abort means it kept the listeners.
+            inheritance.drained.set_result({"aborted": str(frame.payload.get("reason", "no reason given"))})
 
     channel._on_frame = after_ready
     while not received.empty():
@@ -252,9 +266,19 @@ async def inherit(path: str, role: str, events: EventLog, allowed_uids: frozense
     return inheritance
 
 
-async def report_drained(inheritance: Inheritance, events: EventLog) -> None:
-    """Wait for the old generation's DRAINED and record it as the new side's ``drained`` phase."""
+async def report_drained(inheritance: Inheritance, events: EventLog, on_aborted: Callable[[str], None]) -> None:
+    """Wait for the old generation's DRAINED and record it as the new side's ``drained`` phase.
+
+    When the old process instead says it aborted the takeover (it kept its listeners),
+    ``on_aborted(reason)`` runs, so this process stops rather than accept beside it.
+    """
     outcome = await inheritance.drained
+    if "aborted" in outcome:
+        reason = outcome["aborted"]
+        events.emit(ev.TAKEOVER, side="new", phase="aborted", peer_pid=inheritance.old_pid, reason=reason)
+        log.error("the old %s pid %d kept its listeners (%s); this generation stops", events.role, inheritance.old_pid, reason)
+        on_aborted(reason)
+        return
     if "closed" in outcome:
         log.warning("old %s pid %d closed the takeover channel without DRAINED: %s", events.role, inheritance.old_pid, outcome["closed"])
         return
