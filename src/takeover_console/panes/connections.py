@@ -11,8 +11,8 @@ from takeover_console.model import ConnectionView, SessionModel
 from takeover_console.panes.formatting import ROLE_STYLES, duration
 from takeover_console.panes.synced_table import SyncedTable
 
-LIVE_SHOWN = 40
-CLOSED_SHOWN = 12
+LIVE_SHOWN = 24
+CLOSED_SHOWN = 8
 
 COLUMNS = [
     ("connection", "conn"),

@@ -11,6 +11,8 @@ from takeover_console.model import SessionModel
 from takeover_console.panes.formatting import ROLE_STYLES
 
 MAX_LINES = 500
+# Newest entries written per refresh; the rest of a burst is summarised in one line.
+WRITTEN_PER_REFRESH = 40
 # Kinds shown in red or bold, so failures and process deaths stand out.
 ALERT_KINDS = {"failed", "error", "peer_refused", "channel_down", "worker_exited"}
 MILESTONE_KINDS = {"channel_up", "worker_started", "listening", "slow_motion"}
@@ -35,7 +37,12 @@ class EventLogPane(Vertical):
         log = self.query_one(RichLog)
         start = model.start_t or 0.0
         entries = list(model.log)[len(model.log) - fresh :]
-        for entry in entries[-MAX_LINES:]:
+        skipped = model.logged - self._entries_shown - WRITTEN_PER_REFRESH
+        if skipped > 0:
+            # At hundreds of connections per second nobody reads every line, and rendering
+            # them all would cost more CPU than the rest of the console.
+            log.write(Text(f"         ... {skipped} more events at this rate, not shown", style="dim italic"))
+        for entry in entries[-WRITTEN_PER_REFRESH:]:
             style = "bold red" if entry.kind in ALERT_KINDS else ("bold" if entry.kind in MILESTONE_KINDS else "")
             log.write(Text.assemble((f"{entry.t - start:8.3f} ", "dim"), (f"{entry.role:<9} ", ROLE_STYLES.get(entry.role, "")), (entry.text, style)))
         self._entries_shown = model.logged
