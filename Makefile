@@ -1,11 +1,11 @@
 # The whole set-up: `make run` or `make test` creates .venv when it is missing,
-# installs the project with its pinned dependencies, then runs.
+# installs the project with its dependencies (textual pinned), then runs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run demo test bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required; set PYTHON=python3.11")'
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/takeover-console
+
+demo: $(STAMP)
 	$(BIN)/takeover-console demo --headless
 
 test: $(STAMP)
