@@ -166,7 +166,7 @@ class Forwarder:
 
     def _on_successor_ready(self, session: DonorSession) -> None:
         # The new forwarder accepts on the same socket now. Servers move their channels to
-        # it when told with MIGRATE; until they do, offers on the old channels are served here.
+        # it on MIGRATE; until they do, offers on the old channels are served here.
         self._handed_over = True
         self._loop.remove_reader(self.bound.sock.fileno())
         for native in list(self._sessions):
@@ -314,7 +314,7 @@ class Forwarder:
             finished(result)
 
     def _checkpoint(self, point: str) -> None:
-        """Crash on purpose at ``point`` when --inject-fault asks for it (tests only)."""
+        """Crash on purpose at ``point`` when --inject-fault names it (tests only)."""
         if self.config.inject_fault == f"crash-after-{point}":
             _crash(point)
 

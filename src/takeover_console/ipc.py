@@ -327,8 +327,9 @@ def receive_message(sock: socket.socket, max_fds: int = MAX_FDS_PER_MESSAGE) -> 
     """Read once from a Unix stream socket with MSG_CMSG_CLOEXEC and collect SCM_RIGHTS fds.
 
     MSG_CMSG_CLOEXEC makes the kernel install received fds close-on-exec, so they never
-    leak into a child process. socket.recv_fds() of Python 3.11 drops its flags argument,
-    so it cannot be used for this. Raises BlockingIOError when nothing is ready.
+    leak into a child process. socket.recv_fds() cannot be used for this, because in
+    Python 3.11 (Lib/socket.py, 3.11.7) it never passes its flags argument to recvmsg().
+    Raises BlockingIOError when nothing is ready.
     """
     if max_fds == MAX_FDS_PER_MESSAGE:
         control_size = _CONTROL_SIZE
@@ -396,13 +397,13 @@ def describe_fd(fd: int) -> str:
 
 
 class InvalidFd(Exception):
-    """A received fd is not what the frame said it would be; the fd has been closed."""
+    """A received fd is not of the kind its frame declared; the fd has been closed."""
 
 
 def adopt_tcp_connection(fd: int) -> socket.socket:
     """Wrap a received fd as a socket after checking it is a connected TCP socket.
 
-    On any mismatch the fd is closed and InvalidFd says what it was instead.
+    On any mismatch the fd is closed and InvalidFd names what it was instead.
     """
     try:
         # socket(fileno=...) reads family, type and protocol with getsockopt(), and fails
