@@ -161,3 +161,12 @@ def test_server_events_first_no_leak():
     model = fold(started_workers() + server_side + forwarder_side)
     assert model.connections == {}
     assert model.closed[-1].held_by == ["server", "forwarder"]
+
+
+def test_forwarder_closed_before_server_taken():
+    """The forwarder's closed may be folded before the server's taken; the connection still ends."""
+    steps = handoff("100:1", 2.0)
+    accepted, offered, f_taken, s_taken, released, served, closed, answered = steps
+    model = fold(started_workers() + [accepted, offered, f_taken, served, closed, s_taken, released, answered])
+    assert model.connections == {}
+    assert model.closed[-1].outcome == "served"

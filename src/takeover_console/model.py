@@ -57,6 +57,8 @@ class ConnectionView:
     closed_t: float | None = None
     outcome: str = ""
     answered_by: str | None = None
+    # Roles that closed their copy; a late event of the other process must not bring them back.
+    released: set[str] = field(default_factory=set)
 
     def hold(self, role: str, fd: int | None) -> None:
         """Record that ``role`` now holds the socket as ``fd``."""
@@ -67,6 +69,7 @@ class ConnectionView:
     def release(self, role: str) -> None:
         """Record that ``role`` no longer holds the socket."""
         self.holders.pop(role, None)
+        self.released.add(role)
 
 
 @dataclass
@@ -243,8 +246,10 @@ class SessionModel:
             conn = self.connections.get(conn_id)
             if conn is not None:
                 conn.state = "taken"
-                # TAKEN means the forwarder holds the socket, even before its own event arrives.
-                conn.hold("forwarder", event.get("peer_fd"))
+                # TAKEN means the forwarder holds the socket, even before its own event
+                # arrives, unless its "closed" came first on its own pipe.
+                if "forwarder" not in conn.released:
+                    conn.hold("forwarder", event.get("peer_fd"))
             return
         conn = self._connection(conn_id, t)
         if event.get("peer"):
