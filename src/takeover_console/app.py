@@ -103,6 +103,8 @@ class TakeoverApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.session.live:
+            self.session.on_worker_change = lambda: self.call_later(self.refresh_panes, True)
         self._apply_layout(self.size.width, self.size.height)
         self.run_worker(self._start_session(), name="start-session", exit_on_error=False)
         self.set_interval(self._refresh_interval, self.refresh_panes)

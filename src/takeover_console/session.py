@@ -66,6 +66,7 @@ class LiveSession:
         self._private_dir: Path | None = None
         self.handoff = config.handoff or self._make_handoff_path()
         self.recorder = Recorder(config.record) if config.record else None
+        self.on_worker_change: Callable[[], None] = lambda: None
         self.supervisor = Supervisor(self._on_event, self._on_state)
         self.sampler = FdSampler()
         self._sampling: asyncio.Task | None = None
@@ -122,6 +123,8 @@ class LiveSession:
     def _on_state(self, worker: Worker, detail: str) -> None:
         state = detail.split(":")[0]
         self.observe(worker_observation(worker.name, worker.role, worker.pid, worker.generation, state, detail))
+        # A process starting or dying is worth showing at once, not at the next refresh.
+        self.on_worker_change()
         if state == "exited":
             waiter = self._listening.get(worker.name)
             if waiter is not None and not waiter.done():

@@ -11,6 +11,8 @@ from takeover_console.model import ConnectionView, SessionModel
 from takeover_console.panes.formatting import ROLE_STYLES, duration
 from takeover_console.panes.synced_table import SyncedTable
 
+# Seconds of session time between two refreshes of this pane.
+REFRESH_SECONDS = 1.0
 LIVE_SHOWN = 24
 CLOSED_SHOWN = 8
 
@@ -27,12 +29,21 @@ COLUMNS = [
 class ConnectionsPane(Vertical):
     """Open connections first (newest last), then recently closed ones, dimmed."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._refreshed_at = float("-inf")
+
     def compose(self) -> ComposeResult:
         yield Static("Connections", classes="pane-title")
         yield SyncedTable(COLUMNS, id="connections-table")
 
     def refresh_from(self, model: SessionModel) -> None:
-        """Show up to LIVE_SHOWN open and CLOSED_SHOWN closed connections."""
+        """Show up to LIVE_SHOWN open and CLOSED_SHOWN closed connections, at most once a second."""
+        # At hundreds of connections per second every row changes on every refresh, and a
+        # DataTable redraws all its visible cells after any row change.
+        if model.now - self._refreshed_at < REFRESH_SECONDS:
+            return
+        self._refreshed_at = model.now
         live = list(model.connections.values())[-LIVE_SHOWN:]
         closed = list(model.closed)[-CLOSED_SHOWN:]
         rows = {}

@@ -12,7 +12,7 @@ from takeover_console.panes.formatting import ROLE_STYLES
 
 MAX_LINES = 500
 # Newest entries written per refresh; the rest of a burst is summarised in one line.
-WRITTEN_PER_REFRESH = 40
+WRITTEN_PER_REFRESH = 20
 # Kinds shown in red or bold, so failures and process deaths stand out.
 ALERT_KINDS = {"failed", "error", "peer_refused", "channel_down", "worker_exited"}
 MILESTONE_KINDS = {"channel_up", "worker_started", "listening", "slow_motion"}
