@@ -253,9 +253,9 @@ class RefreshTimer:
         self.calls = 0
         self.seconds = 0.0
 
-    def refresh_panes(self) -> None:
+    def refresh_panes(self, force: bool = False) -> None:
         started = time.perf_counter()
-        self._refresh()
+        self._refresh(force)
         self.seconds += time.perf_counter() - started
         self.calls += 1
 
