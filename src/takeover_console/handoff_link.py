@@ -195,7 +195,7 @@ class NativeLink:
         if hello.get("role") != "forwarder":
             channel.close(f"peer introduced itself as {hello.get('role')!r}, expected 'forwarder'")
             return None
-        # The forwarder's own pid: SO_PEERCRED names whoever created the listening socket,
+        # The forwarder's own pid: SO_PEERCRED names the process that created the listening socket,
         # which after a forwarder takeover is an earlier generation.
         opened.peer_pid = int(hello.get("pid") or creds.pid)
         self.events.emit(
@@ -349,7 +349,7 @@ class NativeLink:
         log.info("forwarder pid %d is closing the channel: %s", via.peer_pid, payload.get("reason", "no reason given"))
 
     def _on_pong(self, via: ForwarderChannel, payload: dict) -> None:
-        log.info("forwarder answers again")
+        log.info("forwarder pid %d replied to PING; offering connections again", via.peer_pid)
 
     def _on_migrate(self, via: ForwarderChannel, payload: dict) -> None:
         if via is not self.current or self._migrating or self._stopping:
@@ -401,7 +401,7 @@ class NativeLink:
             via.closed.set_result(reason)
 
     def _recover_held(self, via: ForwarderChannel) -> None:
-        """Answer the requests a vanished forwarder took but did not finish, exactly once."""
+        """Serve, or close our copy of, each connection a vanished forwarder took but did not finish."""
         for conn_id in [conn_id for conn_id, held in self.held.items() if held.via is via]:
             conn = self.held.pop(conn_id).conn
             if reply_written(conn.sock):

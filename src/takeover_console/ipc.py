@@ -439,7 +439,7 @@ def adopt_listener(fd: int, expected: dict) -> socket.socket:
     """Wrap a received fd as a listening socket after checking it against its description.
 
     The checks are the kernel's view of the fd: family and type (socket(fileno=)),
-    SO_ACCEPTCONN and getsockname(). On any mismatch the fd is closed and InvalidFd says
+    SO_ACCEPTCONN and getsockname(). On any mismatch the fd is closed and InvalidFd names
     what the fd is instead.
     """
     try:

@@ -347,12 +347,12 @@ class SessionModel:
     # Queries for panes and summaries.
 
     def peer_of(self, conn_id: str) -> str:
-        """The client address of a connection, or its id when unknown."""
+        """Return the client address of a connection, or its id when unknown."""
         conn = self.connections.get(conn_id)
         return conn.peer if conn is not None and conn.peer != "?" else conn_id
 
     def name_of_pid(self, pid: int) -> str | None:
-        """The worker name that had ``pid``."""
+        """Return the worker name that had ``pid``."""
         return self._names_by_pid.get(pid)
 
     def rates(self, seconds: int = 60) -> list[tuple[int, int, int]]:

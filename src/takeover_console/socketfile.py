@@ -35,7 +35,7 @@ UNIX_BACKLOG = 512
 
 
 class SocketFileError(Exception):
-    """A socket path cannot be used; the message says why and what to do."""
+    """A socket path cannot be used; the message gives the reason and what to do."""
 
 
 class SocketInUse(SocketFileError):
@@ -140,7 +140,7 @@ def _describe_owner(path: Path) -> str:
         probe.connect(str(path))
         creds = peer_credentials(probe)
         # SO_PEERCRED names the process that called listen(); after a takeover that may be
-        # an earlier generation, so the message says "created by".
+        # an earlier generation, so the message reads "created by".
         return f" (socket created by pid {creds.pid}, uid {creds.uid})"
     except OSError:
         return ""
@@ -148,7 +148,7 @@ def _describe_owner(path: Path) -> str:
         probe.close()
 
 
-# sun_path holds 108 bytes on Linux, including the terminating NUL.
+# sun_path has room for 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
 

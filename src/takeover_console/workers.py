@@ -53,7 +53,7 @@ atexit.register(_kill_leftovers)
 
 
 class WorkerState(enum.Enum):
-    """Where a worker is in its life."""
+    """The lifecycle state of a worker."""
 
     IDLE = "idle"
     STARTING = "starting"
@@ -156,7 +156,7 @@ class Supervisor:
         return worker
 
     async def _read_events(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
-        # Read whatever the pipe holds and split it into lines here: one read per burst of
+        # Read whatever the pipe contains and split it into lines here: one read per burst of
         # events costs far less than one readline() per event at thousands per second.
         bad_lines = 0
         pending = b""

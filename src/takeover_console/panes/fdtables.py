@@ -111,8 +111,18 @@ def _cells(row: FdRow, model: SessionModel, pid: int, shared: list[int]) -> tupl
     if row.error:
         note = Text(row.error, style="dim")
     kind = row.kind if row.family != "ipv6" else f"{row.kind}6"
-    cloexec = "-" if row.cloexec is None else ("yes" if row.cloexec else "no")
-    local = row.local or (os.path.basename(row.path) if row.path else "") or (row.target if row.kind not in ("tcp", "udp", "unix") else "")
+    if row.cloexec is None:
+        cloexec = "-"
+    else:
+        cloexec = "yes" if row.cloexec else "no"
+    if row.local:
+        local = row.local
+    elif row.path:
+        local = os.path.basename(row.path)
+    elif row.kind not in ("tcp", "udp", "unix"):
+        local = row.target
+    else:
+        local = ""
     return (str(row.fd), kind, inode_text, row.state or "", cloexec, note, local, row.remote or "")
 
 
