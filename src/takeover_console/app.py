@@ -22,6 +22,7 @@ from textual.worker import Worker, WorkerState
 from takeover_console.panes.connections import ConnectionsPane
 from takeover_console.panes.eventlog import EventLogPane
 from takeover_console.panes.fdtables import FdTablesPane
+from takeover_console.panes.formatting import set_line
 from takeover_console.panes.help import HelpScreen
 from takeover_console.panes.processes import ProcessesPane
 from takeover_console.panes.traffic import TrafficPane
@@ -176,7 +177,7 @@ class TakeoverApp(App):
             status.append("  SLOW MOTION", style="bold yellow")
         if self.frozen:
             status.append("  FROZEN (p to resume)", style="bold red")
-        self.screen_stack[0].query_one("#status", Static).update(status)
+        set_line(self.screen_stack[0].query_one("#status", Static), status)
 
     def _forwarder_running(self) -> bool:
         return bool(self.session.live and self.session.forwarder_running())

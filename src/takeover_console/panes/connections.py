@@ -8,8 +8,8 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from takeover_console.model import ConnectionView, SessionModel
-from takeover_console.panes.formatting import ROLE_STYLES, duration
-from takeover_console.panes.synced_table import SyncedTable
+from takeover_console.panes.formatting import ROLE_STYLES, duration, set_line
+from takeover_console.panes.row_table import RowTable
 
 # Seconds of session time between two refreshes of this pane.
 REFRESH_SECONDS = 1.0
@@ -35,7 +35,7 @@ class ConnectionsPane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static("Connections", classes="pane-title")
-        yield SyncedTable(COLUMNS, id="connections-table")
+        yield RowTable(COLUMNS, id="connections-table")
 
     def refresh_from(self, model: SessionModel) -> None:
         """Show up to LIVE_SHOWN open and CLOSED_SHOWN closed connections, at most once a second."""
@@ -52,8 +52,8 @@ class ConnectionsPane(Vertical):
         for conn in live:
             rows[conn.id] = _cells(conn, model.now, dim=False)
         title = f"Connections: {len(model.connections)} open"
-        self.query_one(Static).update(title)
-        self.query_one(SyncedTable).sync(rows)
+        set_line(self.query_one(Static), title)
+        self.query_one(RowTable).sync(rows)
 
 
 def _cells(conn: ConnectionView, now: float, dim: bool) -> tuple:

@@ -16,8 +16,8 @@ from textual.widgets import Static
 
 from takeover_console.fdtable import FdRow
 from takeover_console.model import SessionModel
-from takeover_console.panes.formatting import ROLE_STYLES, shared_colour
-from takeover_console.panes.synced_table import SyncedTable
+from takeover_console.panes.formatting import ROLE_STYLES, set_line, shared_colour
+from takeover_console.panes.row_table import RowTable
 
 # Seconds of session time a new row stays highlighted, and a closed row stays visible.
 NEW_ROW_SECONDS = 1.0
@@ -48,7 +48,7 @@ class FdTableView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(self.worker_name, classes="pane-title")
-        yield SyncedTable(COLUMNS, sort_key="fd")
+        yield RowTable(COLUMNS, sort_key="fd")
 
     def on_mount(self) -> None:
         # A table mounted for a new process shows its rows at once, not at the next change.
@@ -62,17 +62,17 @@ class FdTableView(Vertical):
         if view is not None and view.pid is not None and model.sample is not None:
             process = model.sample.processes.get(view.pid)
         if view is None or view.pid is None:
-            title.update(Text(f"{self.worker_name}: not started", style="dim"))
+            set_line(title, Text(f"{self.worker_name}: not started", style="dim"))
         else:
             state = "gone" if process is not None and process.gone else view.state
-            title.update(Text.assemble((self.worker_name, ROLE_STYLES.get(self.worker_name, "")), f" pid {view.pid}, generation {view.generation}, {state}"))
+            set_line(title, Text.assemble((self.worker_name, ROLE_STYLES.get(self.worker_name, "")), f" pid {view.pid}, generation {view.generation}, {state}"))
         rows = {}
         if process is not None and not process.gone:
             shared = sorted(model.sample.shared)
             for row in process.rows:
                 key = f"{row.fd}:{row.inode or row.target}"
                 rows[key] = _cells(row, model, view.pid, shared)
-        self.query_one(SyncedTable).sync(self._decorate(rows, model.now))
+        self.query_one(RowTable).sync(self._decorate(rows, model.now))
 
     def _decorate(self, rows: dict[str, tuple], now: float) -> dict[str, tuple]:
         for key in rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual.widgets import Static
 
 # Colours for sockets held by more than one process; a socket keeps its colour while shared.
 SHARED_COLOURS = ("magenta", "cyan", "yellow", "green", "bright_blue", "bright_red", "bright_magenta", "bright_cyan")
@@ -52,3 +53,16 @@ def role_text(role: str) -> Text:
 def shared_colour(inode: int, shared: list[int]) -> str:
     """The colour of a shared socket: its place among the shared inodes, so neighbours differ."""
     return SHARED_COLOURS[shared.index(inode) % len(SHARED_COLOURS)] if inode in shared else ""
+
+
+def set_line(widget: Static, content: str | Text) -> None:
+    """Show ``content`` in a Static whose size the stylesheet fixes; skip it when unchanged.
+
+    Static.update() lays out the whole screen again by default, in case the new content
+    changes the widget's size. A widget with a fixed height needs no layout.
+    """
+    old = widget.content
+    # Text equality compares the characters and spans, not the style of the whole text.
+    same = old == content and getattr(old, "style", None) == getattr(content, "style", None)
+    if not same:
+        widget.update(content, layout=False)

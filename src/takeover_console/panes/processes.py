@@ -9,7 +9,7 @@ from textual.widgets import Static
 
 from takeover_console.model import SessionModel
 from takeover_console.panes.formatting import ROLE_STYLES, STATE_STYLES, duration, percent, role_text, size
-from takeover_console.panes.synced_table import SyncedTable
+from takeover_console.panes.row_table import RowTable
 
 # Seconds of session time an exited later generation stays in the table.
 EXITED_SHOWN_SECONDS = 10.0
@@ -32,7 +32,7 @@ class ProcessesPane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static("Processes", classes="pane-title")
-        yield SyncedTable(COLUMNS, id="processes-table")
+        yield RowTable(COLUMNS, id="processes-table")
 
     def refresh_from(self, model: SessionModel) -> None:
         """Show every worker the model knows, in the order they first appeared."""
@@ -57,7 +57,7 @@ class ProcessesPane(Vertical):
                 str(view.fds) if alive and view.fds is not None else "-",
                 str(view.answered) if view.role != "client" else str(model.counters.by_server + model.counters.by_forwarder),
             )
-        self.query_one(SyncedTable).sync(rows)
+        self.query_one(RowTable).sync(rows)
 
 
 def _exit_words(detail: str) -> str:

@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
 from takeover_console.model import SessionModel
-from takeover_console.panes.formatting import millis
+from takeover_console.panes.formatting import millis, set_line
 
 WINDOW_SECONDS = 60
 
@@ -32,14 +32,14 @@ class TrafficPane(Vertical):
         counters = model.counters
         self.query_one("#traffic-forwarder", Sparkline).data = [forwarder for _, forwarder, _ in rates]
         self.query_one("#traffic-server", Sparkline).data = [server for server, _, _ in rates]
-        self.query_one("#traffic-forwarder-label", Static).update(
+        set_line(self.query_one("#traffic-forwarder-label", Static), 
             Text.assemble(("forwarder ", "bold magenta"), f"{last[1]}/s   total {counters.by_forwarder}")
         )
-        self.query_one("#traffic-server-label", Static).update(
+        set_line(self.query_one("#traffic-server-label", Static), 
             Text.assemble(("server    ", "bold cyan"), f"{last[0]}/s   total {counters.by_server}")
         )
         failed_style = "bold red" if counters.failed else "green"
-        self.query_one("#traffic-figures", Static).update(
+        set_line(self.query_one("#traffic-figures", Static), 
             Text.assemble(
                 ("failed ", failed_style),
                 (str(counters.failed), failed_style),
