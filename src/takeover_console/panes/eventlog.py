@@ -37,12 +37,15 @@ class EventLogPane(Vertical):
         log = self.query_one(RichLog)
         start = model.start_t or 0.0
         entries = list(model.log)[len(model.log) - fresh :]
+        lines = []
         skipped = model.logged - self._entries_shown - WRITTEN_PER_REFRESH
         if skipped > 0:
             # At hundreds of connections per second nobody reads every line, and rendering
             # them all would cost more CPU than the rest of the console.
-            log.write(Text(f"         ... {skipped} more events at this rate, not shown", style="dim italic"))
+            lines.append(Text(f"         ... {skipped} more events at this rate, not shown", style="dim italic"))
         for entry in entries[-WRITTEN_PER_REFRESH:]:
             style = "bold red" if entry.kind in ALERT_KINDS else ("bold" if entry.kind in MILESTONE_KINDS else "")
-            log.write(Text.assemble((f"{entry.t - start:8.3f} ", "dim"), (f"{entry.role:<9} ", ROLE_STYLES.get(entry.role, "")), (entry.text, style)))
+            lines.append(Text.assemble((f"{entry.t - start:8.3f} ", "dim"), (f"{entry.role:<9} ", ROLE_STYLES.get(entry.role, "")), (entry.text, style)))
+        # One write per refresh: each write() renders, resizes and scrolls the log once.
+        log.write(Text("\n").join(lines))
         self._entries_shown = model.logged
