@@ -141,9 +141,13 @@ def close_all(fds: list[int]) -> None:
             pass
 
 
+# One encoder for every frame, because json.dumps() with separators builds a new encoder per call.
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_frame(frame_type: int, payload: dict[str, Any], fd_count: int = 0) -> bytes:
     """Encode a frame header and JSON payload; the caller sends ``fd_count`` fds with it."""
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    body = _PAYLOAD_ENCODER.encode(payload).encode()
     if len(body) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(body)} bytes exceeds the limit of {MAX_PAYLOAD}")
     if fd_count > MAX_FDS_PER_MESSAGE:
