@@ -112,10 +112,15 @@ def _reply(sock: socket.socket, reply: bytes, request: bytes, owner: bool, check
     # The reply is out: mark its end, so no second reply can follow, then consume the request.
     try:
         sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        _close(sock, owner=True)
+        return ServeResult("served", len(request))
+    try:
         sock.recv(REQUEST_MAX)
     except OSError:
         pass
-    _close(sock, owner=True)
+    # SHUT_WR already sent the FIN and SHUT_RD sends nothing on Linux TCP, so close() needs no second shutdown().
+    sock.close()
     return ServeResult("served", len(request))
 
 
