@@ -605,3 +605,19 @@ def test_socket_kind_for_netlink():
         assert row.protocol == "NETLINK"
     finally:
         sock.close()
+
+
+def test_inet_diag_unchanged_datagram_reused():
+    chunk = inet_diag_message(socket.AF_INET, 1, ("127.0.0.1", 8080), ("127.0.0.1", 40000), 4912) + inet_diag_message(
+        socket.AF_INET, 10, ("127.0.0.1", 8080), ("0.0.0.0", 0), 4911
+    )
+    cache = socktable.ParseCache()
+    first = socktable.parse_table(socktable.RawTable("tcp", SOCK_DIAG, [chunk]), {4912}, cache)
+    # 4911 was skipped when the datagram was first parsed, so asking for it parses again.
+    second = socktable.parse_table(socktable.RawTable("tcp", SOCK_DIAG, [chunk]), {4911, 4912}, cache)
+    changed = inet_diag_message(socket.AF_INET, 8, ("127.0.0.1", 8080), ("127.0.0.1", 40000), 4912)
+    third = socktable.parse_table(socktable.RawTable("tcp", SOCK_DIAG, [changed]), {4912}, cache)
+    assert list(first) == [4912]
+    assert second[4911] == InetEntry("127.0.0.1:8080", "0.0.0.0:0", "LISTEN")
+    assert second[4912] is first[4912]
+    assert third[4912].state == "CLOSE_WAIT"

@@ -188,7 +188,7 @@ class FdSampler:
         self._processes: dict[int, psutil.Process] = {}
         self._fds: dict[int, dict[int, _FdState]] = {}
         self._protocols: dict[int, str | None] = {}
-        self._entry_caches: dict[str, dict[bytes, InetEntry]] = {name: {} for name in socktable.TABLES}
+        self._parse_caches = {name: socktable.ParseCache() for name in socktable.TABLES}
         self._failed_reads: dict[str, int] = {}
 
     def sample(self, pids: Mapping[int, str] | Iterable[int]) -> Sample:
@@ -219,7 +219,7 @@ class FdSampler:
             except OSError as exc:
                 log.warning("sock_diag dump of socket table %s failed: %s; reading /proc/net/%s from now on", name, exc, name)
                 self._sources[name] = PROCFS
-                self._entry_caches[name] = {}
+                self._parse_caches[name].clear()
         try:
             return socktable.read_table(name, PROCFS)
         except OSError as exc:
@@ -237,8 +237,8 @@ class FdSampler:
             if raw is None:
                 entries[name] = {}
                 continue
-            cache = self._entry_caches[name]
-            if len(cache) > 2 * len(inodes) + 1024:
+            cache = self._parse_caches[name]
+            if len(cache.entries) > 2 * len(inodes) + 1024:
                 cache.clear()  # entries of closed sockets pile up otherwise
             entries[name] = socktable.parse_table(raw, inodes, cache)
         return entries
