@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import select
@@ -32,6 +33,7 @@ from takeover_console.fdtable import (
     Sample,
     SamplerThread,
 )
+from takeover_console.scanpool import ScanPool
 from takeover_console.socktable import PROCFS, SOCK_DIAG, InetEntry, UnixEntry
 
 READY_TIMEOUT = 10.0
@@ -605,6 +607,50 @@ def test_socket_kind_for_netlink():
         assert row.protocol == "NETLINK"
     finally:
         sock.close()
+
+
+def test_pool_runs_added_tasks():
+    pool = ScanPool(3)
+    done = []
+    lock = threading.Lock()
+
+    def leaf(number, batch):
+        with lock:
+            done.append(number)
+
+    def root(batch):
+        for number in range(50):
+            batch.add(functools.partial(leaf, number))
+
+    try:
+        pool.run([root, root])
+    finally:
+        pool.close()
+    assert sorted(done) == sorted(list(range(50)) * 2)
+
+
+def test_pool_raises_task_error_after_others():
+    pool = ScanPool(2)
+    finished = []
+
+    def failing(batch):
+        raise ValueError("task failed")
+
+    try:
+        with pytest.raises(ValueError, match="task failed"):
+            pool.run([failing] + [lambda batch: finished.append(1) for _ in range(20)])
+    finally:
+        pool.close()
+    assert len(finished) == 20
+
+
+def test_closed_pool_runs_inline():
+    pool = ScanPool(2)
+    pool.close()
+    callers = []
+    pool.run([lambda batch: callers.append(threading.current_thread()) for _ in range(5)])
+    assert callers == [threading.current_thread()] * 5
+    assert pool.helper_threads() == []
 
 
 def test_inet_diag_unchanged_datagram_reused():
