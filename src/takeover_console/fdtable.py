@@ -12,9 +12,10 @@ Costs that grow with the number of fds are kept off the common path:
   up to 512 fds, so one process with many fds is split over the threads too.
   os.readlink() releases the GIL during the system call, so one thread's readlink()
   overlaps another thread's Python work. This gains only while a second CPU is free.
-* Each socket table is read at most once per tick, and only if a sampled fd needs it.
-  The read starts on a helper thread as soon as the first such fd is seen, so it
-  overlaps with the readlink() calls of the remaining fds.
+* Each socket table is read at most once per tick, and only if a sampled fd needs it
+  or needed it in the last tick. The read starts on a helper thread when the scan of a
+  process that needed it in the last tick starts, or else when the first such fd is
+  seen, so it overlaps with the readlink() calls.
 * The protocol of a socket inode, the kind of a file and the close-on-exec flag are
   cached per fd while its link target stays the same. The flag can change without the
   target changing (fcntl F_SETFD), so each fd's /proc/PID/fdinfo is read again once
