@@ -10,8 +10,8 @@ Costs that grow with the number of fds are kept off the common path:
 
 * The fds are read on a small pool of threads (fdscan.py, scanpool.py), in chunks of
   up to 512 fds, so one process with many fds is split over the threads too.
-  os.readlink() releases the GIL during the system call, so one thread's readlink()
-  overlaps another thread's Python work. This gains only while a second CPU is free.
+  os.readlink() releases the GIL during the system call, so the readlink() calls of
+  two threads run at once on two CPUs. This gains only while a second CPU is free.
 * Each socket table is read at most once per tick, and only if a sampled fd needs it
   or needed it in the last tick. The read starts on a helper thread when the scan of a
   process that needed it in the last tick starts, or else when the first such fd is
@@ -20,12 +20,15 @@ Costs that grow with the number of fds are kept off the common path:
   cached per fd while its link target stays the same. The flag can change without the
   target changing (fcntl F_SETFD), so each fd's /proc/PID/fdinfo is read again once
   every ``cloexec_refresh_ticks`` ticks, spread over the ticks by fd number.
-* A socket table whose content is byte for byte the last tick's is not parsed again.
-  Idle sockets leave a sock_diag dump unchanged, but any traffic or timer changes it.
+* A socket table whose content is byte for byte the last tick's is not parsed again,
+  and a sock_diag datagram equal to one of the last dump reuses its parsed entries.
+  Idle sockets leave a dump unchanged, and traffic or a timer changes only the
+  datagrams that list the sockets concerned.
 * Rows are immutable and reused from the previous tick when nothing in them changed.
   A process whose fds and socket tables did not change gets the last tick's rows tuple.
 
-A tick still makes one readlink() per fd. Reading a socket table takes longer the more
+A tick still makes one readlink() per fd, and reads the fdinfo of one fd in every
+``cloexec_refresh_ticks``. Reading a socket table takes longer the more
 sockets the network namespace has, TIME_WAIT entries of other programs included. So the
 cost of a tick grows with both; benchmarks/sampler.py measures it.
 
@@ -93,9 +96,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RATE = 4.0  # samples per second
 DEFAULT_CLOEXEC_REFRESH_TICKS = 20
-# Threads that read fds, the calling one included. Measured on 2 idle CPUs with 4,010 fds,
-# two threads cut the readlink() calls of a tick from about 12 to 7 ms, and three were
-# slower than two.
+# Threads that read fds, the calling one included. On 2 idle CPUs with 4,010 fds, two
+# threads cut the readlink() calls of a tick from 12-13 ms to 7-9 ms (benchmarks/sampler.py
+# floor line). The cap at os.cpu_count() keeps threads from waiting for a CPU.
 DEFAULT_SCAN_THREADS = 2
 
 
