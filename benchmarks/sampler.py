@@ -2,8 +2,10 @@
 
 One child listens and accepts every connection; two client children open half of the
 connections each. So N connections make 2N socket fds in the sampled processes, plus one
-listener. Each configuration (socket table source, prefetch on or off) takes one cold
-tick, then ``--ticks`` timed ticks back to back.
+listener. Each configuration (socket table source, prefetch on or off, threads that read
+fds) takes one cold tick, then ``--ticks`` timed ticks back to back. The floor line
+times readlink() of every fd on one thread and split over two; when two threads gain
+little there, another program was using the second CPU during the run.
 
 Run from the repository root:
 
@@ -25,13 +27,14 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from takeover_console import socktable  # noqa: E402
-from takeover_console.fdtable import FdSampler  # noqa: E402
+from takeover_console.fdtable import DEFAULT_SCAN_THREADS, FdSampler  # noqa: E402
 from takeover_console.socktable import PROCFS, SOCK_DIAG  # noqa: E402
 
 SETUP_TIMEOUT = 60.0  # seconds for the children to open every connection
@@ -118,41 +121,62 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def time_ticks(pids: dict[int, str], source: str, prefetch: bool, ticks: int) -> None:
-    sampler = FdSampler(source=source, prefetch=prefetch)
-    started = time.perf_counter()
-    first = sampler.sample(pids)
-    cold_ms = (time.perf_counter() - started) * 1000.0
-    durations = []
-    for _ in range(ticks):
+def time_ticks(pids: dict[int, str], source: str, prefetch: bool, threads: int, ticks: int) -> None:
+    with FdSampler(source=source, prefetch=prefetch, scan_threads=threads) as sampler:
         started = time.perf_counter()
-        sample = sampler.sample(pids)
-        durations.append((time.perf_counter() - started) * 1000.0)
+        first = sampler.sample(pids)
+        cold_ms = (time.perf_counter() - started) * 1000.0
+        durations = []
+        for _ in range(ticks):
+            started = time.perf_counter()
+            sample = sampler.sample(pids)
+            durations.append((time.perf_counter() - started) * 1000.0)
+        threads = sampler.scan_threads
     rows = sum(len(process.rows) for process in sample.processes.values())
     established = sum(1 for process in sample.processes.values() for row in process.rows if row.state == "ESTABLISHED")
     print(
-        f"{source:9} prefetch={'on ' if prefetch else 'off'}  cold {cold_ms:6.1f}  "
+        f"{source:9} prefetch={'on ' if prefetch else 'off'} threads={threads}  cold {cold_ms:6.1f}  "
         f"p50 {statistics.median(durations):6.1f}  p99 {percentile(durations, 0.99):6.1f}  max {max(durations):6.1f} ms  "
         f"rows {rows}  ESTABLISHED {established}  first-tick rows {sum(len(p.rows) for p in first.processes.values())}"
     )
 
 
+def read_links(links: list[tuple[int, str]]) -> None:
+    for directory, name in links:
+        os.readlink(name, dir_fd=directory)
+
+
 def time_floor(pids: dict[int, str], ticks: int) -> None:
     """Time the system calls a tick makes in any case: readlink() of every fd, and the TCP table dump."""
     readlinks = []
+    split_readlinks = []
     dumps = []
-    for _ in range(ticks):
-        started = time.perf_counter()
-        for pid in pids:
-            directory = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
-            for name in os.listdir(directory):
-                os.readlink(name, dir_fd=directory)
+    directories = [os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY) for pid in pids]
+    try:
+        for _ in range(ticks):
+            started = time.perf_counter()
+            links = [(directory, name) for directory in directories for name in os.listdir(directory)]
+            read_links(links)
+            readlinks.append((time.perf_counter() - started) * 1000.0)
+
+            started = time.perf_counter()
+            links = [(directory, name) for directory in directories for name in os.listdir(directory)]
+            helper = threading.Thread(target=read_links, args=(links[len(links) // 2 :],))
+            helper.start()
+            read_links(links[: len(links) // 2])
+            helper.join()
+            split_readlinks.append((time.perf_counter() - started) * 1000.0)
+
+            started = time.perf_counter()
+            socktable.read_table("tcp", SOCK_DIAG)
+            dumps.append((time.perf_counter() - started) * 1000.0)
+    finally:
+        for directory in directories:
             os.close(directory)
-        readlinks.append((time.perf_counter() - started) * 1000.0)
-        started = time.perf_counter()
-        socktable.read_table("tcp", SOCK_DIAG)
-        dumps.append((time.perf_counter() - started) * 1000.0)
-    print(f"floor: readlink of every fd p50 {statistics.median(readlinks):6.1f} ms; sock_diag tcp dump alone p50 {statistics.median(dumps):6.1f} ms")
+    print(
+        f"floor: listdir and readlink of every fd p50 {statistics.median(readlinks):6.1f} ms, "
+        f"split over 2 threads {statistics.median(split_readlinks):6.1f} ms; sock_diag tcp dump alone p50 {statistics.median(dumps):6.1f} ms"
+    )
 
 
 def describe_machine() -> None:
@@ -189,7 +213,9 @@ def main() -> None:
         time_floor(pids, arguments.ticks)
         for source in (SOCK_DIAG, PROCFS):
             for prefetch in (True, False):
-                time_ticks(pids, source, prefetch, arguments.ticks)
+                time_ticks(pids, source, prefetch, DEFAULT_SCAN_THREADS, arguments.ticks)
+        # The same default configuration with every fd read on the calling thread.
+        time_ticks(pids, SOCK_DIAG, True, 1, arguments.ticks)
     finally:
         stop_children(children)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import select
@@ -32,6 +33,7 @@ from takeover_console.fdtable import (
     Sample,
     SamplerThread,
 )
+from takeover_console.scanpool import ScanPool
 from takeover_console.socktable import PROCFS, SOCK_DIAG, InetEntry, UnixEntry
 
 READY_TIMEOUT = 10.0
@@ -605,3 +607,198 @@ def test_socket_kind_for_netlink():
         assert row.protocol == "NETLINK"
     finally:
         sock.close()
+
+
+# --- Scanning on a pool of threads ------------------------------------------------------
+
+MANY_FDS_CHILD = r"""
+import os, resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < 4096:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+listener = socket.create_server(("127.0.0.1", 0))
+open_fds = []
+for _ in range(300):
+    open_fds.append(socket.create_connection(listener.getsockname()))
+    open_fds.append(listener.accept()[0])
+for _ in range(200):
+    open_fds.extend(socket.socketpair())
+for _ in range(100):
+    open_fds.extend(os.pipe())
+for _ in range(50):
+    open_fds.append(os.open(os.devnull, os.O_RDONLY))
+print(len(os.listdir("/proc/self/fd")), flush=True)
+sys.stdin.read()
+"""
+
+needs_two_cpus = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the sampler reads fds on one thread when there is one CPU")
+
+
+@needs_two_cpus
+def test_pool_and_inline_rows_equal(children):
+    child = children.start(MANY_FDS_CHILD)
+    listed = int(read_line(child))
+    with FdSampler(scan_threads=2) as pooled, FdSampler(scan_threads=1) as inline:
+        assert pooled.scan_threads == 2
+        assert inline.scan_threads == 1
+        pooled.sample([child.pid])  # the second tick reuses cached fds, so compare both
+        for _ in range(2):
+            pooled_sample = pooled.sample([child.pid])
+            inline_sample = inline.sample([child.pid])
+            pooled_rows = pooled_sample.processes[child.pid].rows
+            fds = [row.fd for row in pooled_rows]
+            assert len(pooled_rows) >= listed - 1  # listdir in the child had one fd of its own
+            assert fds == sorted(fds)
+            assert pooled_rows == inline_sample.processes[child.pid].rows
+            assert pooled_sample.shared == inline_sample.shared
+
+
+@pytest.mark.parametrize("scan_threads", [1, 2])
+def test_reused_fd_number_detected(scan_threads):
+    fd = os.open(os.devnull, os.O_RDONLY)
+    sock = socket.socket()
+    try:
+        with FdSampler(scan_threads=scan_threads) as sampler:
+            before = rows_by_fd(sampler.sample([os.getpid()]), os.getpid())[fd]
+            # Close fd and give its number to the socket; dup2() clears close-on-exec.
+            os.dup2(sock.fileno(), fd)
+            after = rows_by_fd(sampler.sample([os.getpid()]), os.getpid())[fd]
+        assert before.kind == KIND_OTHER
+        assert before.cloexec is True
+        assert after.kind == KIND_TCP
+        assert after.inode == os.fstat(sock.fileno()).st_ino
+        assert after.cloexec is False
+    finally:
+        os.close(fd)
+        sock.close()
+
+
+@pytest.mark.parametrize("scan_threads", [1, 2])
+def test_exit_during_tick_marked_gone(children, monkeypatch, scan_threads):
+    child = children.start(MANY_FDS_CHILD)
+    read_line(child)
+    real_listdir = os.listdir
+
+    def listdir_then_kill(path):
+        # The child dies after its fds were listed and before they are read.
+        names = real_listdir(path)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=READY_TIMEOUT)
+        return names
+
+    with FdSampler(scan_threads=scan_threads) as sampler:
+        assert sampler.sample([child.pid]).processes[child.pid].gone is False
+        monkeypatch.setattr(os, "listdir", listdir_then_kill)
+        process = sampler.sample({child.pid: "child"}).processes[child.pid]
+    assert process.gone is True
+    assert process.error == "exited while its fds were read"
+    assert process.label == "child"
+    assert process.rows == ()
+
+
+@needs_two_cpus
+def test_close_ends_scan_threads():
+    sampler = FdSampler(scan_threads=2)
+    sampler.sample([os.getpid()])
+    helpers = sampler._pool.helper_threads()
+    assert helpers
+    assert all(thread.daemon for thread in helpers)
+    sampler.close()
+    assert not any(thread.is_alive() for thread in helpers)
+    # A closed sampler still samples, on the calling thread alone.
+    assert sampler.sample([os.getpid()]).processes[os.getpid()].rows
+
+
+@needs_two_cpus
+def test_sampler_thread_stop_closes_sampler():
+    sampled = threading.Event()
+    sampler_thread = SamplerThread(lambda sample: sampled.set(), [os.getpid()], rate=50)
+    with sampler_thread:
+        assert sampled.wait(READY_TIMEOUT), "no sample within 10 s"
+    helpers = sampler_thread._sampler._pool.helper_threads()
+    assert helpers
+    assert not any(thread.is_alive() for thread in helpers)
+
+
+def test_unchanged_process_rows_tuple_reused(children):
+    # No sockets, so no socket table can change between the two ticks.
+    child = children.start("import sys; print('ready', flush=True); sys.stdin.read()")
+    read_line(child)
+    with FdSampler() as sampler:
+        first = sampler.sample([child.pid]).processes[child.pid]
+        second = sampler.sample([child.pid]).processes[child.pid]
+    assert first.rows
+    assert second.rows is first.rows
+
+
+@pytest.mark.parametrize("scan_threads", [1, 2])
+def test_tables_read_once_with_pool(fds_child, children, workdir, scan_threads):
+    child, _ = fds_child
+    many = children.start(MANY_FDS_CHILD)
+    read_line(many)
+    with FdSampler(scan_threads=scan_threads) as sampler:
+        counts = count_reads(sampler)
+        for tick in range(1, 4):
+            sampler.sample([child.pid, many.pid, os.getpid()])
+            assert set(counts) >= {"tcp", "tcp6", "udp", "unix"}
+            assert set(counts.values()) == {tick}
+
+
+def test_pool_runs_added_tasks():
+    pool = ScanPool(3)
+    done = []
+    lock = threading.Lock()
+
+    def leaf(number, batch):
+        with lock:
+            done.append(number)
+
+    def root(batch):
+        for number in range(50):
+            batch.add(functools.partial(leaf, number))
+
+    try:
+        pool.run([root, root])
+    finally:
+        pool.close()
+    assert sorted(done) == sorted(list(range(50)) * 2)
+
+
+def test_pool_raises_task_error_after_others():
+    pool = ScanPool(2)
+    finished = []
+
+    def failing(batch):
+        raise ValueError("task failed")
+
+    try:
+        with pytest.raises(ValueError, match="task failed"):
+            pool.run([failing] + [lambda batch: finished.append(1) for _ in range(20)])
+    finally:
+        pool.close()
+    assert len(finished) == 20
+
+
+def test_closed_pool_runs_inline():
+    pool = ScanPool(2)
+    pool.close()
+    callers = []
+    pool.run([lambda batch: callers.append(threading.current_thread()) for _ in range(5)])
+    assert callers == [threading.current_thread()] * 5
+    assert pool.helper_threads() == []
+
+
+def test_inet_diag_unchanged_datagram_reused():
+    chunk = inet_diag_message(socket.AF_INET, 1, ("127.0.0.1", 8080), ("127.0.0.1", 40000), 4912) + inet_diag_message(
+        socket.AF_INET, 10, ("127.0.0.1", 8080), ("0.0.0.0", 0), 4911
+    )
+    cache = socktable.ParseCache()
+    first = socktable.parse_table(socktable.RawTable("tcp", SOCK_DIAG, [chunk]), {4912}, cache)
+    # 4911 was skipped when the datagram was first parsed, so asking for it parses again.
+    second = socktable.parse_table(socktable.RawTable("tcp", SOCK_DIAG, [chunk]), {4911, 4912}, cache)
+    changed = inet_diag_message(socket.AF_INET, 8, ("127.0.0.1", 8080), ("127.0.0.1", 40000), 4912)
+    third = socktable.parse_table(socktable.RawTable("tcp", SOCK_DIAG, [changed]), {4912}, cache)
+    assert list(first) == [4912]
+    assert second[4911] == InetEntry("127.0.0.1:8080", "0.0.0.0:0", "LISTEN")
+    assert second[4912] is first[4912]
+    assert third[4912].state == "CLOSE_WAIT"

@@ -8,16 +8,27 @@ middle of a handoff shows up: one inode, held by the server and the forwarder.
 
 Costs that grow with the number of fds are kept off the common path:
 
-* Each socket table is read at most once per tick, and only if a sampled fd needs it.
-  The read starts on a helper thread as soon as the first such fd is seen, so it
-  overlaps with the readlink() calls of the remaining fds.
+* The fds are read on a small pool of threads (fdscan.py, scanpool.py), in chunks of
+  up to 512 fds, so one process with many fds is split over the threads too.
+  os.readlink() releases the GIL during the system call, so the readlink() calls of
+  two threads run at once on two CPUs. This gains only while a second CPU is free.
+* Each socket table is read at most once per tick, and only if a sampled fd needs it
+  or needed it in the last tick. The read starts on a helper thread when the scan of a
+  process that needed it in the last tick starts, or else when the first such fd is
+  seen, so it overlaps with the readlink() calls.
 * The protocol of a socket inode, the kind of a file and the close-on-exec flag are
   cached per fd while its link target stays the same. The flag can change without the
   target changing (fcntl F_SETFD), so each fd's /proc/PID/fdinfo is read again once
   every ``cloexec_refresh_ticks`` ticks, spread over the ticks by fd number.
+* A socket table whose content is byte for byte the last tick's is not parsed again,
+  and a sock_diag datagram equal to one of the last dump reuses its parsed entries.
+  Idle sockets leave a dump unchanged, and traffic or a timer changes only the
+  datagrams that list the sockets concerned.
 * Rows are immutable and reused from the previous tick when nothing in them changed.
+  A process whose fds and socket tables did not change gets the last tick's rows tuple.
 
-A tick still makes one readlink() per fd. Reading a socket table takes longer the more
+A tick still makes one readlink() per fd, and reads the fdinfo of one fd in every
+``cloexec_refresh_ticks``. Reading a socket table takes longer the more
 sockets the network namespace has, TIME_WAIT entries of other programs included. So the
 cost of a tick grows with both; benchmarks/sampler.py measures it.
 
@@ -29,9 +40,9 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -55,11 +66,14 @@ from .fdsample import (
     ProcessSample,
     Sample,
 )
+from .fdscan import FdScanner, FdState, Scan
+from .scanpool import ScanPool
 from .socktable import PROCFS, SOCK_DIAG, InetEntry, RawTable, UnixEntry
 
 __all__ = [
     "DEFAULT_CLOEXEC_REFRESH_TICKS",
     "DEFAULT_RATE",
+    "DEFAULT_SCAN_THREADS",
     "ERROR_CHANGED",
     "ERROR_VANISHED",
     "KIND_ANON",
@@ -80,59 +94,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# fdinfo adds O_CLOEXEC to its octal "flags:" line when the fd is close-on-exec
-# (seq_show in fs/proc/fd.c).
-O_CLOEXEC_FLAG = 0o2000000
 DEFAULT_RATE = 4.0  # samples per second
 DEFAULT_CLOEXEC_REFRESH_TICKS = 20
-
-# The kernel's name of a socket's protocol (the "system.sockprotoname" xattr of the fd)
-# -> (row kind, socket table, address family).
-_PROTOCOLS = {
-    "TCP": (KIND_TCP, "tcp", "ipv4"),
-    "TCPv6": (KIND_TCP, "tcp6", "ipv6"),
-    "UDP": (KIND_UDP, "udp", "ipv4"),
-    "UDPv6": (KIND_UDP, "udp6", "ipv6"),
-}
+# Threads that read fds, the calling one included. On 2 idle CPUs with 4,010 fds, two
+# threads cut the readlink() calls of a tick from 12-13 ms to 7-9 ms (benchmarks/sampler.py
+# floor line). The cap at os.cpu_count() keeps threads from waiting for a CPU.
+DEFAULT_SCAN_THREADS = 2
 
 
 # Sampling.
 
 
-@dataclass(slots=True, eq=False)
-class _FdState:
-    """Cached facts about one fd (from its link, xattr, stat and fdinfo) and the last row built from them."""
-
-    fd: int
-    target: str
-    kind: str
-    inode: int | None = None
-    table: str | None = None
-    family: str | None = None
-    protocol: str | None = None
-    cloexec: bool | None = None
-    error: str | None = None
-    row: FdRow | None = None
-    entry: InetEntry | UnixEntry | None = None
-
-    def same_as(self, other: _FdState) -> bool:
-        return (self.target, self.kind, self.protocol, self.cloexec, self.error) == (other.target, other.kind, other.protocol, other.cloexec, other.error)
-
-
-@dataclass(slots=True)
-class _Scan:
-    """The result of listing one process's fds."""
-
-    states: list[_FdState]
-    listed: int = 0
-    error: str | None = None
-    gone: bool = False
-
-
 class _TickTables:
     """The socket tables of one tick: the inodes needed from each, and one read per table.
 
-    The scan adds inodes to ``needed[name]`` and calls ``start(name)`` before the first.
+    Scan threads call ``start(name)`` when they first meet a table and report inodes
+    through ``add_needed()``; both are safe to call from any thread.
 
     NOTE: a table is read while fds are still being listed (or just after), not at the
     same instant. A socket opened after the read shows no addresses or state until the
@@ -142,16 +119,30 @@ class _TickTables:
     def __init__(self, read: Callable[[str], RawTable | None], prefetch: bool):
         self._read = read
         self._prefetch = prefetch
+        self._lock = threading.Lock()
         self.needed: dict[str, set[int]] = {name: set() for name in socktable.TABLES}
         self._threads: dict[str, threading.Thread] = {}
         self._raw: dict[str, RawTable | None] = {}
 
     def start(self, name: str) -> None:
-        """Start reading table ``name`` on a helper thread, if prefetch is on."""
-        if self._prefetch:
+        """Start reading table ``name`` on a helper thread, if prefetch is on and no read of it has started."""
+        if not self._prefetch:
+            return
+        # The lock makes check-then-start atomic, so two scan threads never start two reads.
+        # A read on a thread of its own, not a task of the scan pool, measured faster while
+        # other programs kept the CPUs busy.
+        with self._lock:
+            if name in self._threads:
+                return
             thread = threading.Thread(target=self._store, args=(name,), name=f"fdtable-read-{name}", daemon=True)
             self._threads[name] = thread
             thread.start()
+
+    def add_needed(self, found: dict[str, list[int]]) -> None:
+        """Add socket inodes, by table name, to the ones this tick needs."""
+        with self._lock:
+            for name, inodes in found.items():
+                self.needed[name].update(inodes)
 
     def raw(self, name: str) -> RawTable | None:
         """Return the table's content, reading it now unless a helper thread already has."""
@@ -166,30 +157,59 @@ class _TickTables:
         self._raw[name] = self._read(name)
 
 
+@dataclass(slots=True)
+class _ParsedTable:
+    """A socket table as last parsed: its content, the inodes asked for and the entries found."""
+
+    raw: RawTable
+    inodes: set[int]
+    entries: dict
+
+
 class FdSampler:
     """Take samples of the fd tables of a set of pids; see the module docstring for costs.
 
     ``source`` is where socket tables come from: ``sock_diag`` (netlink, the default) or
     ``procfs`` (/proc/net text). A table whose sock_diag dump fails is read from procfs
     from then on. ``prefetch`` reads tables on a helper thread while fds are listed.
+    ``scan_threads`` is how many threads read fds, the calling thread included. It is
+    capped at os.cpu_count(), and 1 reads them all on the calling thread.
     ``sample()`` may be called from any thread; concurrent calls run one at a time.
+    Call ``close()`` to end the scan threads; they are daemon threads in any case.
     """
 
-    def __init__(self, source: str = SOCK_DIAG, cloexec_refresh_ticks: int = DEFAULT_CLOEXEC_REFRESH_TICKS, prefetch: bool = True):
+    def __init__(
+        self,
+        source: str = SOCK_DIAG,
+        cloexec_refresh_ticks: int = DEFAULT_CLOEXEC_REFRESH_TICKS,
+        prefetch: bool = True,
+        scan_threads: int = DEFAULT_SCAN_THREADS,
+    ):
         if source not in (SOCK_DIAG, PROCFS):
             raise ValueError(f"invalid socket table source {source!r}; expected {SOCK_DIAG!r} or {PROCFS!r}")
         if cloexec_refresh_ticks < 1:
             raise ValueError(f"invalid cloexec_refresh_ticks {cloexec_refresh_ticks}; expected 1 or more")
+        if scan_threads < 1:
+            raise ValueError(f"invalid scan_threads {scan_threads}; expected 1 or more")
         self._sources = {name: source for name in socktable.TABLES}
-        self._refresh = cloexec_refresh_ticks
         self._prefetch = prefetch
         self._lock = threading.Lock()
-        self._tick = 0
+        self._pool = ScanPool(min(scan_threads, os.cpu_count() or 1), name="fdtable-scan")
+        # Close the pool when the sampler is garbage. The finalizer references the pool, not the sampler.
+        weakref.finalize(self, self._pool.close)
+        self._scanner = FdScanner(self._pool, cloexec_refresh_ticks)
         self._processes: dict[int, psutil.Process] = {}
-        self._fds: dict[int, dict[int, _FdState]] = {}
-        self._protocols: dict[int, str | None] = {}
-        self._entry_caches: dict[str, dict[bytes, InetEntry]] = {name: {} for name in socktable.TABLES}
+        self._rows: dict[int, tuple[FdRow, ...]] = {}
+        self._shared: dict[int, tuple[tuple[int, int], ...]] = {}
+        self._shared_pids: frozenset[int] = frozenset()
+        self._parse_caches = {name: socktable.ParseCache() for name in socktable.TABLES}
+        self._parsed: dict[str, _ParsedTable] = {}
         self._failed_reads: dict[str, int] = {}
+
+    @property
+    def scan_threads(self) -> int:
+        """The threads that read fds, the calling one included, after the cap at os.cpu_count()."""
+        return self._pool.threads
 
     def sample(self, pids: Mapping[int, str] | Iterable[int]) -> Sample:
         """Sample the given pids; a mapping gives each pid a label, such as its role."""
@@ -197,19 +217,30 @@ class FdSampler:
         with self._lock:
             return self._sample(labels)
 
+    def close(self) -> None:
+        """End the scan threads; later samples read every fd on the calling thread."""
+        self._pool.close()
+
+    def __enter__(self) -> FdSampler:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def _sample(self, labels: dict[int, str]) -> Sample:
         started = time.monotonic()
-        self._tick += 1
         tables = _TickTables(self._read_table, self._prefetch)
         figures = {pid: self._process_figures(pid) for pid in labels}
-        scans = {pid: self._scan(pid, tables) for pid in labels}
-        entries = self._parse_tables(tables)
+        scans = self._scanner.scan(labels, tables)
+        entries, tables_unchanged = self._parse_tables(tables)
 
-        processes = {pid: self._process_sample(pid, labels[pid], figures[pid], scans[pid], entries) for pid in labels}
-        shared = _shared_sockets(scans)
+        processes = {pid: self._process_sample(pid, labels[pid], figures[pid], scans[pid], entries, tables_unchanged) for pid in labels}
+        if not self._shared_unchanged(labels, scans):
+            self._shared = _shared_sockets(scans)
+            self._shared_pids = frozenset(labels)
         self._forget(labels, scans)
         elapsed_ms = (time.monotonic() - started) * 1000.0
-        return Sample(mono=started, processes=processes, shared=shared, elapsed_ms=elapsed_ms)
+        return Sample(mono=started, processes=processes, shared=self._shared, elapsed_ms=elapsed_ms)
 
     def _read_table(self, name: str) -> RawTable | None:
         """Read one socket table; every read of a tick goes through here, once per table."""
@@ -219,7 +250,7 @@ class FdSampler:
             except OSError as exc:
                 log.warning("sock_diag dump of socket table %s failed: %s; reading /proc/net/%s from now on", name, exc, name)
                 self._sources[name] = PROCFS
-                self._entry_caches[name] = {}
+                self._parse_caches[name].clear()
         try:
             return socktable.read_table(name, PROCFS)
         except OSError as exc:
@@ -228,20 +259,29 @@ class FdSampler:
                 log.warning("reading /proc/net/%s failed (%d times so far): %s; its sockets show no addresses or state", name, count, exc)
             return None
 
-    def _parse_tables(self, tables: _TickTables) -> dict[str, dict]:
+    def _parse_tables(self, tables: _TickTables) -> tuple[dict[str, dict], bool]:
+        """Parse the tables this tick needs; also return whether each is the last tick's, unparsed."""
         entries: dict[str, dict] = {}
+        unchanged = True
         for name, inodes in tables.needed.items():
             if not inodes:
                 continue
             raw = tables.raw(name)
+            last = self._parsed.get(name)
+            if raw is not None and last is not None and raw == last.raw and inodes <= last.inodes:
+                entries[name] = last.entries
+                continue
+            unchanged = False
             if raw is None:
                 entries[name] = {}
+                self._parsed.pop(name, None)
                 continue
-            cache = self._entry_caches[name]
-            if len(cache) > 2 * len(inodes) + 1024:
+            cache = self._parse_caches[name]
+            if len(cache.entries) > 2 * len(inodes) + 1024:
                 cache.clear()  # entries of closed sockets pile up otherwise
             entries[name] = socktable.parse_table(raw, inodes, cache)
-        return entries
+            self._parsed[name] = _ParsedTable(raw, inodes, entries[name])
+        return entries, unchanged
 
     # Processes.
 
@@ -251,7 +291,8 @@ class FdSampler:
         first = False
         if process is None or not process.is_running():
             # A new pid, or one that now belongs to another process: start afresh.
-            self._fds.pop(pid, None)
+            self._scanner.forget_pid(pid)
+            self._rows.pop(pid, None)
             try:
                 process = psutil.Process(pid)
             except psutil.NoSuchProcess:
@@ -279,171 +320,51 @@ class FdSampler:
         except psutil.AccessDenied:
             return {"error": "permission denied"}
 
-    def _process_sample(self, pid: int, label: str, figures: dict, scan: _Scan, entries: dict[str, dict]) -> ProcessSample:
+    def _process_sample(self, pid: int, label: str, figures: dict, scan: Scan, entries: dict[str, dict], tables_unchanged: bool) -> ProcessSample:
         gone = figures.pop("gone", False) or scan.gone
         error = figures.pop("error", None) or scan.error
         if gone:
+            self._rows.pop(pid, None)
             return ProcessSample(pid=pid, label=label, gone=True, error=error, name=figures.get("name"))
-        rows = tuple(_row(state, entries) for state in scan.states)
+        rows = self._rows.get(pid)
+        if rows is None or not (scan.unchanged and tables_unchanged):
+            rows = self._rows[pid] = _rows(scan.states, entries)
         return ProcessSample(pid=pid, label=label, error=error, num_fds=scan.listed, rows=rows, **figures)
 
-    def _forget(self, labels: dict[int, str], scans: dict[int, _Scan]) -> None:
+    def _shared_unchanged(self, labels: dict[int, str], scans: dict[int, Scan]) -> bool:
+        """Tell whether the pids and all their fds are the last tick's, so the shared sockets are too."""
+        return self._shared_pids == labels.keys() and all(scan.unchanged for scan in scans.values())
+
+    def _forget(self, labels: dict[int, str], scans: dict[int, Scan]) -> None:
         """Drop cached state of pids, and of socket inodes, that this tick did not see."""
-        for cache in (self._processes, self._fds):
+        for cache in (self._processes, self._rows):
             for pid in [pid for pid in cache if pid not in labels or scans[pid].gone]:
                 del cache[pid]
-        # Pruning the protocol cache costs a pass over every fd, so it waits until
-        # inodes of closed sockets make up more than half of the cache.
-        listed = sum(len(scan.states) for scan in scans.values())
-        if len(self._protocols) > 2 * listed + 1024:
-            seen = {state.inode for scan in scans.values() for state in scan.states if state.kind in SOCKET_KINDS}
-            self._protocols = {inode: protocol for inode, protocol in self._protocols.items() if inode in seen}
-
-    # Fds.
-
-    def _scan(self, pid: int, tables: _TickTables) -> _Scan:
-        """List /proc/PID/fd and resolve each fd, reusing what the last tick learned."""
-        try:
-            dir_fd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return _Scan([], gone=True, error="no such process")
-        except PermissionError:
-            return _Scan([], error="permission denied")
-        except OSError as exc:
-            return _Scan([], error=f"cannot list fds: {exc.strerror}")
-        readlink = os.readlink
-        tick = self._tick
-        refresh = self._refresh
-        needed = tables.needed
-        try:
-            names = os.listdir(dir_fd)
-            previous = self._fds.get(pid, {})
-            current: dict[int, _FdState] = {}
-            for name in names:
-                try:
-                    target = readlink(name, dir_fd=dir_fd)
-                except OSError:
-                    continue  # the fd closed after listdir(), or the process exited
-                fd = int(name)
-                state = previous.get(fd)
-                if state is None or state.target != target or state.error is not None or (fd + tick) % refresh == 0:
-                    state = self._resolve(pid, fd, target, state)
-                    if state is None:
-                        continue
-                if state.table is not None:
-                    inodes = needed[state.table]
-                    if not inodes:
-                        tables.start(state.table)
-                    inodes.add(state.inode)
-                current[fd] = state
-        except OSError as exc:
-            return _Scan([], gone=True, error=f"exited while listing fds: {exc.strerror}")
-        finally:
-            os.close(dir_fd)
-        self._fds[pid] = current
-        return _Scan(sorted(current.values(), key=_fd_of), listed=len(names))
-
-    def _resolve(self, pid: int, fd: int, target: str, previous: _FdState | None) -> _FdState | None:
-        """Classify one fd and read its flags; return None if it closed meanwhile."""
-        link = f"/proc/{pid}/fd/{fd}"
-        state = _FdState(fd, target, KIND_OTHER)
-        if target.startswith("socket:["):
-            state.inode = int(target[8:-1])
-            protocol = self._socket_protocol(link, state.inode)
-            if protocol is None and state.inode not in self._protocols:
-                state.kind = KIND_SOCKET
-                state.error = ERROR_VANISHED
-                return state
-            state.protocol = protocol
-            _classify_socket(state, protocol)
-        elif target.startswith("pipe:["):
-            state.kind = KIND_PIPE
-            state.inode = int(target[6:-1])
-        elif target.startswith("anon_inode:"):
-            state.kind = KIND_ANON
-        elif target.startswith("/"):
-            try:
-                mode = os.stat(link).st_mode
-            except FileNotFoundError:
-                return None
-            except OSError:
-                mode = 0
-            state.kind = KIND_FILE if stat.S_ISREG(mode) else KIND_OTHER
-
-        state.cloexec, state.error = _read_cloexec(f"/proc/{pid}/fdinfo/{fd}", state.inode if state.kind != KIND_OTHER else None)
-        if previous is not None and previous.same_as(state):
-            return previous
-        return state
-
-    def _socket_protocol(self, link: str, inode: int) -> str | None:
-        """Return the kernel's protocol name of a socket, cached by inode.
-
-        Return None, without caching, when the fd closed before the xattr was read.
-        A kernel without the "system.sockprotoname" xattr caches None, so the socket
-        shows as kind ``socket``.
-        """
-        if inode in self._protocols:
-            return self._protocols[inode]
-        try:
-            value = os.getxattr(link, "system.sockprotoname")
-        except FileNotFoundError:
-            return None
-        except OSError:
-            self._protocols[inode] = None
-            return None
-        protocol = value.rstrip(b"\0").decode("ascii", "replace")
-        self._protocols[inode] = protocol
-        return protocol
+        self._scanner.forget(pid for pid in labels if not scans[pid].gone)
 
 
-def _classify_socket(state: _FdState, protocol: str | None) -> None:
-    known = _PROTOCOLS.get(protocol) if protocol else None
-    if known is not None:
-        state.kind, state.table, state.family = known
-        state.protocol = None
-    elif protocol is not None and protocol.startswith("UNIX"):
-        # Newer kernels name stream sockets "UNIX-STREAM" (unix_stream_proto in
-        # net/unix/af_unix.c) and the others "UNIX"; older ones name all of them "UNIX".
-        state.kind = KIND_UNIX
-        state.table = "unix"
-        state.protocol = None
-    else:
-        state.kind = KIND_SOCKET
+# Rows.
+
+_NO_ENTRIES: dict = {}
 
 
-def _read_cloexec(path: str, inode: int | None) -> tuple[bool | None, str | None]:
-    """Read the close-on-exec flag from an fdinfo file; return ``(flag, error)``.
-
-    When ``inode`` is given and the kernel prints an "ino:" line (newer kernels do),
-    the two must match. Otherwise the fd number was reused for another file after its
-    link was read.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None, ERROR_VANISHED
-    except OSError:
-        return None, None
-    try:
-        data = os.read(fd, 4096)
-    except OSError:
-        return None, ERROR_VANISHED
-    finally:
-        os.close(fd)
-    fields = dict(line.split(b":", 1) for line in data.split(b"\n") if b":" in line)
-    if inode is not None and b"ino" in fields and int(fields[b"ino"]) != inode:
-        return None, ERROR_CHANGED
-    flags = fields.get(b"flags")
-    if flags is None:
-        return None, None
-    return bool(int(flags, 8) & O_CLOEXEC_FLAG), None
+def _rows(states: list[FdState], entries: dict[str, dict]) -> tuple[FdRow, ...]:
+    """Return the rows of a process's fds, reusing each fd's previous row when nothing in it changed."""
+    rows = []
+    for state in states:
+        row = state.row
+        if state.table is None:
+            if row is None:
+                row = _build_row(state, None)
+        else:
+            entry = entries.get(state.table, _NO_ENTRIES).get(state.inode)
+            if row is None or (state.entry is not entry and state.entry != entry):
+                row = _build_row(state, entry)
+        rows.append(row)
+    return tuple(rows)
 
 
-def _row(state: _FdState, entries: dict[str, dict]) -> FdRow:
-    """Return the row of one fd, reusing the previous tick's row when nothing changed."""
-    entry = entries.get(state.table, {}).get(state.inode) if state.table is not None else None
-    if state.row is not None and state.entry == entry:
-        return state.row
+def _build_row(state: FdState, entry: InetEntry | UnixEntry | None) -> FdRow:
     values = {}
     if isinstance(entry, InetEntry):
         values = {"local": entry.local, "remote": entry.remote, "state": entry.state}
@@ -465,7 +386,7 @@ def _row(state: _FdState, entries: dict[str, dict]) -> FdRow:
     return row
 
 
-def _shared_sockets(scans: dict[int, _Scan]) -> dict[int, tuple[tuple[int, int], ...]]:
+def _shared_sockets(scans: dict[int, Scan]) -> dict[int, tuple[tuple[int, int], ...]]:
     """Map each socket inode held by more than one fd to its ``(pid, fd)`` holders."""
     inodes = [state.inode for scan in scans.values() for state in scan.states if state.kind in SOCKET_KINDS]
     if len(set(inodes)) == len(inodes):
@@ -477,10 +398,6 @@ def _shared_sockets(scans: dict[int, _Scan]) -> dict[int, tuple[tuple[int, int],
             if state.inode in repeated and state.kind in SOCKET_KINDS:
                 shared[state.inode].append((pid, state.fd))
     return {inode: tuple(holders) for inode, holders in shared.items()}
-
-
-def _fd_of(state: _FdState) -> int:
-    return state.fd
 
 
 def _is_round_count(count: int) -> bool:
@@ -516,6 +433,8 @@ class SamplerThread:
             raise ValueError(f"invalid sample rate {rate!r}; expected samples per second above 0")
         self._callback = callback
         self._interval = 1.0 / rate
+        # A sampler passed in belongs to the caller, who closes it; stop() closes one made here.
+        self._owns_sampler = sampler is None
         self._sampler = sampler or FdSampler()
         self._pids = _normalize_pids(pids)
         self._pids_lock = threading.Lock()
@@ -540,13 +459,17 @@ class SamplerThread:
         """Ask the thread to stop and wait up to ``timeout`` seconds; return whether it ended.
 
         The thread ends after the tick or callback in progress. It is a daemon thread, so
-        a thread stuck in a callback does not keep the interpreter alive.
+        a thread stuck in a callback does not keep the interpreter alive. A sampler this
+        object created is closed here, even if the thread has not ended yet.
         """
         self._stopping.set()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        ended = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            ended = not self._thread.is_alive()
+        if self._owns_sampler:
+            self._sampler.close()
+        return ended
 
     def __enter__(self) -> SamplerThread:
         self.start()

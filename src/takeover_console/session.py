@@ -186,6 +186,7 @@ class LiveSession:
         if self._sampling is not None:
             self._sampling.cancel()
             await asyncio.gather(self._sampling, return_exceptions=True)
+        self.sampler.close()
         await self.supervisor.close()
         if self.recorder is not None:
             self.recorder.close()

@@ -13,6 +13,8 @@ There are five tables, named as in /proc/net: ``tcp``, ``tcp6``, ``udp``, ``udp6
 Reading and parsing are separate steps, so a caller can read on one thread and parse
 on another. Parsers take the set of inodes the caller needs and skip every other entry.
 A TCP or UDP entry is ``(local, remote, state)``; a Unix entry is ``(path, state, peer)``.
+A ParseCache keeps what earlier parses of a table found, so a TCP or UDP entry, or a
+whole sock_diag datagram, that is unchanged since the last read is not parsed again.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ _INET_DIAG_QUERY = {
 }
 _UINT32 = struct.Struct("=I")
 _MESSAGE_HEADER = struct.Struct("=IH")  # the length and type of a netlink message
+# The length and type of a netlink message and the idiag_inode of the inet_diag_msg
+# after its 16-byte header, 68 bytes into the message.
+_INET_DIAG_HEADER_AND_INODE = struct.Struct("=IH78xI")
 
 
 class InetEntry(NamedTuple):
@@ -101,6 +106,26 @@ class UnixEntry(NamedTuple):
     path: str | None
     state: str
     peer: int | None
+
+
+class ParseCache:
+    """Results of earlier parses of one table, reused while the raw bytes stay the same.
+
+    ``entries`` maps the raw bytes of a TCP or UDP entry to its InetEntry. ``datagrams``
+    maps each datagram of the last sock_diag dump to the entries parsed from it and the
+    inodes it skipped. Use one cache per table and source; ``clear()`` is safe at any time.
+    """
+
+    __slots__ = ("entries", "datagrams")
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, InetEntry] = {}
+        self.datagrams: dict[bytes, tuple[dict[int, InetEntry], set[int]]] = {}
+
+    def clear(self) -> None:
+        """Forget every parsed entry and datagram."""
+        self.entries.clear()
+        self.datagrams.clear()
 
 
 class RawTable(NamedTuple):
@@ -183,21 +208,21 @@ def _ends_dump(data: bytes) -> bool:
 # Parsing.
 
 
-def parse_table(raw: RawTable, inodes: set[int], cache: dict[bytes, InetEntry] | None = None) -> dict:
+def parse_table(raw: RawTable, inodes: set[int], cache: ParseCache | None = None) -> dict:
     """Return ``{inode: entry}`` for each of ``inodes`` that the table lists.
 
-    ``cache`` maps the raw bytes of a TCP or UDP entry to its parsed InetEntry across
-    calls, so an unchanged socket costs a lookup instead of address formatting. The
-    caller owns it and may clear it at any time; use one cache per table and source.
+    With a ``cache`` from earlier calls, an unchanged socket costs a lookup instead of
+    address formatting. A sock_diag TCP or UDP result may then also hold entries of
+    inodes that an earlier call asked for, when they come from an unchanged datagram.
     """
     if cache is None:
-        cache = {}
+        cache = ParseCache()
     if raw.name == "unix":
         return parse_unix_diag(raw.data, inodes) if raw.source == SOCK_DIAG else parse_unix_proc(raw.data, inodes)
     states = UDP_STATES if raw.name.startswith("udp") else TCP_STATES
     if raw.source == SOCK_DIAG:
         return parse_inet_diag(raw.data, inodes, states, cache)
-    return parse_inet_proc(raw.data, inodes, states, cache)
+    return parse_inet_proc(raw.data, inodes, states, cache.entries)
 
 
 def format_proc_address(text: bytes) -> str:
@@ -243,36 +268,54 @@ def parse_inet_proc(data: bytes, inodes: set[int], states: dict[int, str], cache
     return entries
 
 
-def parse_inet_diag(chunks: list[bytes], inodes: set[int], states: dict[int, str], cache: dict[bytes, InetEntry]) -> dict[int, InetEntry]:
-    """Parse the datagrams of an inet_diag dump (struct inet_diag_msg after each header)."""
+def parse_inet_diag(chunks: list[bytes], inodes: set[int], states: dict[int, str], cache: ParseCache) -> dict[int, InetEntry]:
+    """Parse the datagrams of an inet_diag dump, reusing the entries of datagrams seen in the last dump.
+
+    A datagram's earlier result is valid while it skipped none of ``inodes``.
+    """
     entries: dict[int, InetEntry] = {}
+    seen: dict[bytes, tuple[dict[int, InetEntry], set[int]]] = {}
+    for data in chunks:
+        known = cache.datagrams.get(data)
+        if known is None or not known[1].isdisjoint(inodes):
+            known = _parse_inet_datagram(data, inodes, states, cache.entries)
+        seen[data] = known
+        entries.update(known[0])
+    cache.datagrams = seen
+    return entries
+
+
+def _parse_inet_datagram(data: bytes, inodes: set[int], states: dict[int, str], cache: dict[bytes, InetEntry]) -> tuple[dict[int, InetEntry], set[int]]:
+    """Parse one datagram of struct inet_diag_msg messages; return the entries and the inodes skipped."""
+    entries: dict[int, InetEntry] = {}
+    skipped: set[int] = set()
     header_size = NLMSG_HEADER.size
     minimum = header_size + INET_DIAG_MESSAGE_SIZE
-    unpack_header = _MESSAGE_HEADER.unpack_from
-    unpack_inode = _UINT32.unpack_from
-    for data in chunks:
-        offset = 0
-        end = len(data) - minimum
-        while offset <= end:
-            length, kind = unpack_header(data, offset)
-            if length < header_size:
-                break
-            message = offset + header_size
-            offset += (length + 3) & ~3
-            if kind != SOCK_DIAG_BY_FAMILY or length < minimum:
-                continue
-            inode = unpack_inode(data, message + 68)[0]
-            if inode not in inodes:
-                continue
-            # Family, state, timer, retransmits, then inet_diag_sockid: sport, dport
-            # (big-endian), src[16], dst[16]. A change of timer or retransmits only
-            # costs a cache miss.
-            key = data[message : message + 40]
-            entry = cache.get(key)
-            if entry is None:
-                entry = cache[key] = _inet_diag_entry(key, states)
-            entries[inode] = entry
-    return entries
+    unpack = _INET_DIAG_HEADER_AND_INODE.unpack_from
+    offset = 0
+    end = len(data) - minimum
+    while offset <= end:
+        # The inode is read before the type and length are checked, because it is in
+        # range either way and one unpack is cheaper than two.
+        length, kind, inode = unpack(data, offset)
+        if length < header_size:
+            break
+        message = offset + header_size
+        offset += (length + 3) & ~3
+        if kind != SOCK_DIAG_BY_FAMILY or length < minimum:
+            continue
+        if inode not in inodes:
+            skipped.add(inode)
+            continue
+        # Family, state, timer, retransmits, then inet_diag_sockid: sport, dport
+        # (big-endian), src[16], dst[16]. A change of timer or retransmits only
+        # costs a cache miss.
+        key = data[message : message + 40]
+        entry = cache.get(key)
+        if entry is None:
+            entry = cache[key] = _inet_diag_entry(key, states)
+        entries[inode] = entry
+    return entries, skipped
 
 
 def _inet_diag_entry(message: bytes, states: dict[int, str]) -> InetEntry:
