@@ -471,6 +471,38 @@ def test_cloexec_change_seen_after_refresh():
         os.close(fd)
 
 
+def test_cloexec_reads_per_tick_bounded(monkeypatch):
+    """With many fds a tick reads about CLOEXEC_READS_PER_TICK fdinfo files, and a change still shows."""
+    from takeover_console import fdscan
+
+    reads = []
+    real_read = fdscan.read_cloexec
+
+    def counting_read(path, inode):
+        reads.append(path)
+        return real_read(path, inode)
+
+    monkeypatch.setattr(fdscan, "read_cloexec", counting_read)
+    count = 10 * fdscan.CLOEXEC_READS_PER_TICK
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
+    try:
+        sampler = FdSampler(cloexec_refresh_ticks=1)
+        sampler.sample([os.getpid()])
+        os.set_inheritable(fds[0], True)
+        per_tick = []
+        seen = []
+        for _ in range(12):
+            del reads[:]
+            seen.append(rows_by_fd(sampler.sample([os.getpid()]), os.getpid())[fds[0]].cloexec)
+            per_tick.append(len(reads))
+        assert max(per_tick) <= 2 * fdscan.CLOEXEC_READS_PER_TICK
+        assert False in seen
+    finally:
+        for fd in fds:
+            os.close(fd)
+        sampler.close()
+
+
 def test_unchanged_rows_reused():
     fd = os.open(os.devnull, os.O_RDONLY)
     try:

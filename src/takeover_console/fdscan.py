@@ -44,6 +44,10 @@ O_CLOEXEC_FLAG = 0o2000000
 # Fds per task. Each process's fds are cut into chunks of this size, so a process with
 # thousands of fds is scanned by every thread, and the threads finish close together.
 CHUNK_FDS = 512
+# At most about this many fdinfo files are read again per tick to refresh the
+# close-on-exec flag. Each read is three system calls (about 20 us here), so with
+# thousands of fds the refresh period grows instead of the tick.
+CLOEXEC_READS_PER_TICK = 64
 
 # The kernel's name of a socket's protocol (the "system.sockprotoname" xattr of the fd)
 # -> (row kind, socket table, address family).
@@ -135,13 +139,16 @@ class FdScanner:
 
     The close-on-exec flag can change without the link target changing (fcntl
     F_SETFD), so each fd's fdinfo is read again once every ``cloexec_refresh_ticks``
-    ticks, spread over the ticks by fd number. ``scan()`` must not be called from two
-    threads at once.
+    ticks, spread over the ticks by fd number. With more than
+    ``cloexec_refresh_ticks * CLOEXEC_READS_PER_TICK`` fds in all, the period grows so
+    that a tick reads about CLOEXEC_READS_PER_TICK of them. ``scan()`` must not be
+    called from two threads at once.
     """
 
     def __init__(self, pool: ScanPool, cloexec_refresh_ticks: int):
         self._pool = pool
         self._refresh = cloexec_refresh_ticks
+        self._period = cloexec_refresh_ticks  # this tick's refresh period, in ticks
         self._tick = 0
         self._listed: dict[int, _Listed] = {}
         self._protocols: dict[int, str | None] = {}
@@ -149,6 +156,8 @@ class FdScanner:
     def scan(self, pids: Iterable[int], tables: TickTables) -> dict[int, Scan]:
         """Scan every pid once on the pool; return each pid's Scan."""
         self._tick += 1
+        listed = sum(len(entry.names) for entry in self._listed.values())
+        self._period = max(self._refresh, -(-listed // CLOEXEC_READS_PER_TICK))
         # Biggest processes first (by the last tick's count), so their chunks start early.
         jobs = [_Job(pid, self._listed.get(pid)) for pid in pids]
         jobs.sort(key=lambda job: -len(job.previous.names) if job.previous else 0)
@@ -217,7 +226,7 @@ class FdScanner:
         dir_fd = job.dir_fd
         previous = job.previous.states if job.previous is not None else {}
         tick = self._tick
-        refresh = self._refresh
+        refresh = self._period
         states: list[FdState] = []
         found: dict[str, list[int]] = {}
         changed = False
