@@ -118,7 +118,7 @@ def test_worker_crash_reported(workdir):
         async def scenario():
             seen = Recorder()
             supervisor = Supervisor(seen.on_event, seen.on_state)
-            supervisor.add("server", "server", ["--listen", f"127.0.0.1:{port}", "--handoff", str(workdir / "h.sock")])
+            supervisor.add("server", "server", ["--listen", f"127.0.0.1:{port}", "--handoff", str(workdir / "h.sock"), "--control", str(workdir / "c.sock")])
             try:
                 await supervisor.start("server")
                 code = await supervisor.wait_exited("server")
