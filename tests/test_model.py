@@ -170,3 +170,23 @@ def test_forwarder_closed_before_server_taken():
     model = fold(started_workers() + [accepted, offered, f_taken, served, closed, s_taken, released, answered])
     assert model.connections == {}
     assert model.closed[-1].outcome == "served"
+
+
+def test_restarted_worker_counts_afresh():
+    """A worker name started again with a new pid answers from zero."""
+    killed = worker_observation("forwarder", "forwarder", FORWARDER_PID, 1, "exited", "exited: SIGKILL", t=3.0)
+    restarted = worker_observation("forwarder", "forwarder", FORWARDER_PID + 1, 1, "started", "started", t=4.0)
+    model = fold(started_workers() + handoff("100:1", 2.0) + [killed, restarted])
+    assert model.processes["forwarder"].pid == FORWARDER_PID + 1
+    assert model.processes["forwarder"].answered == 0
+    assert model.counters.by_forwarder == 1
+
+
+def test_late_earlier_event_sets_opened():
+    """A connection's age starts at its earliest event, even when that event arrives later."""
+    late_first = [
+        server_event("offered", 2.0001, conn="100:1", fd=9, inode=5000),
+        server_event("accepted", 2.0, conn="100:1", peer="127.0.0.1:50000", fd=9, inode=5000),
+    ]
+    model = fold(started_workers() + late_first)
+    assert model.connections["100:1"].opened_t == 2.0

@@ -149,6 +149,8 @@ class SessionModel:
         view = self._process(observation.get("worker", "?"), observation.get("role", "?"))
         state = observation.get("state", "")
         if state == "started":
+            if observation.get("pid") != view.pid:
+                view.answered = 0  # the count is per process, not per worker name
             view.pid = observation.get("pid")
             view.generation = observation.get("gen") or view.generation
             view.started_t = t
@@ -195,6 +197,8 @@ class SessionModel:
             self.connections[conn_id] = conn
             if len(self.connections) > OPEN_CONNECTIONS_KEPT:
                 self.connections.popitem(last=False)
+        elif t < conn.opened_t:
+            conn.opened_t = t  # an earlier event of the other process arrived late
         return conn
 
     def _finish(self, conn: ConnectionView, t: float, outcome: str) -> None:

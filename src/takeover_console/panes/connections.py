@@ -47,10 +47,10 @@ class ConnectionsPane(Vertical):
         live = list(model.connections.values())[-LIVE_SHOWN:]
         closed = list(model.closed)[-CLOSED_SHOWN:]
         rows = {}
-        for conn in closed:
-            rows[conn.id] = _cells(conn, model.now, dim=True)
         for conn in live:
             rows[conn.id] = _cells(conn, model.now, dim=False)
+        for conn in closed:
+            rows[conn.id] = _cells(conn, model.now, dim=True)
         title = f"Connections: {len(model.connections)} open"
         set_line(self.query_one(Static), title)
         self.query_one(RowTable).sync(rows)

@@ -45,6 +45,7 @@ class FdTableView(Vertical):
         self._row_first_seen: dict[str, float] = {}
         self._closing_rows: dict[str, tuple[float, tuple]] = {}
         self._previous_rows: dict[str, tuple] = {}
+        self._pid: int | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(self.worker_name, classes="pane-title")
@@ -66,6 +67,12 @@ class FdTableView(Vertical):
         else:
             state = "gone" if process is not None and process.gone else view.state
             set_line(title, Text.assemble((self.worker_name, ROLE_STYLES.get(self.worker_name, "")), f" pid {view.pid}, generation {view.generation}, {state}"))
+        if view is not None and view.pid != self._pid:
+            # A restarted worker is a new process: none of the old one's fds closed in it.
+            self._pid = view.pid
+            self._row_first_seen.clear()
+            self._closing_rows.clear()
+            self._previous_rows = {}
         rows = {}
         if process is not None and not process.gone:
             shared = sorted(model.sample.shared)

@@ -41,6 +41,9 @@ failures, latency and the number of sockets seen in two processes at once.
 | `c` | pause or resume the client |
 | `+` / `-` | client rate up / down |
 | `s` | slow motion: sockets stay visible in both fd tables |
+| `u` | upgrade the server: a new generation takes over the listening socket |
+| `x` | an upgrade whose new generation crashes before READY: watch the rollback |
+| `r` | restart the forwarder: a new one takes over the handoff socket |
 | `d` | show or hide the client's fd table |
 | `p` | freeze or unfreeze the display |
 | `?` | this help |

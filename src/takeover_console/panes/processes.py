@@ -37,11 +37,12 @@ class ProcessesPane(Vertical):
     def refresh_from(self, model: SessionModel) -> None:
         """Show every worker the model knows, in the order they first appeared."""
         rows = {}
-        alive_roles = {view.role for view in model.processes.values() if view.state != "exited"}
+        newest = _newest_of_each_role(model)
         for name, view in model.processes.items():
-            # A replaced generation leaves the table a while after it exits.
+            # A replaced generation leaves the table a while after it exits. The newest
+            # process of a role stays, so a killed forwarder is still seen as killed.
             exited_long_ago = view.exited_t is not None and model.now - view.exited_t > EXITED_SHOWN_SECONDS
-            if view.state == "exited" and exited_long_ago and view.role in alive_roles:
+            if view.state == "exited" and exited_long_ago and newest.get(view.role) != name:
                 continue
             alive = view.state not in ("exited", "idle")
             uptime = model.now - view.started_t if alive and view.started_t is not None else None
@@ -58,6 +59,16 @@ class ProcessesPane(Vertical):
                 str(view.answered) if view.role != "client" else str(model.counters.by_server + model.counters.by_forwarder),
             )
         self.query_one(RowTable).sync(rows)
+
+
+def _newest_of_each_role(model: SessionModel) -> dict[str, str]:
+    """Map each role onto the name of its most recently started process."""
+    newest: dict[str, tuple[float, str]] = {}
+    for name, view in model.processes.items():
+        started = view.started_t if view.started_t is not None else float("-inf")
+        if view.role not in newest or started >= newest[view.role][0]:
+            newest[view.role] = (started, name)
+    return {role: name for role, (_, name) in newest.items()}
 
 
 def _exit_words(detail: str) -> str:
