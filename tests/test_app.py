@@ -77,6 +77,41 @@ def test_quit_leaves_no_process(workdir):
     assert not (workdir / "h.sock").exists()
 
 
+def test_quick_rate_presses_all_count(workdir):
+    """Seven quick presses of - step the rate down seven times, and the client runs at the last rate."""
+
+    async def scenario():
+        app = live_app(workdir, rate=200.0)
+        async with app.run_test(size=(120, 40)) as pilot:
+            client = app.session.supervisor.workers["client"]
+            await wait_until(lambda: client.pid is not None and app.model.counters.by_forwarder >= 1, pilot)
+            # Keys that arrive together (a terminal sends them in one read) run in one go.
+            for _ in range(7):
+                app.action_slower()
+            rate_after_presses = app.session.client_rate
+            await wait_until(lambda: "--rate" in client.args and client.args[client.args.index("--rate") + 1] == "1", pilot)
+            await pilot.press("q")
+        return rate_after_presses
+
+    assert asyncio.run(scenario()) == 1
+
+
+def test_arrows_switch_tabs_from_table():
+    """In the narrow layout, right switches the tab even while a table has the focus."""
+
+    async def scenario():
+        app = TakeoverApp(ReplaySession(FIXTURES / "steady.jsonl", speed=0), refresh_interval=3600)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await app.session.finished.wait()
+            app.refresh_panes(force=True)
+            await pilot.pause()
+            app.query_one("#processes-table").focus()
+            await pilot.press("right")
+            return app.query_one("Tabs").active
+
+    assert asyncio.run(scenario()) == "tab-fds"
+
+
 KEYS = ["f", "k", "t", "c", "plus", "minus", "s", "d", "p", "question_mark", "escape", "right", "left", "tab", "up", "down", "x", "enter", "ctrl+p", "space"]
 
 

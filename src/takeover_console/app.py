@@ -68,6 +68,9 @@ class TakeoverApp(App):
         Binding("p", "freeze", "Freeze"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
+        # In the narrow layout the arrows switch tabs even when a table has the focus.
+        Binding("left", "previous_tab", "Previous tab", show=False, priority=True),
+        Binding("right", "next_tab", "Next tab", show=False, priority=True),
     ]
 
     def __init__(self, session, refresh_interval: float = 0.25, script=None):
@@ -199,12 +202,15 @@ class TakeoverApp(App):
             return not self.session.client_paused
         if action == "resume_client":
             return self.session.client_paused
+        if action in ("previous_tab", "next_tab"):
+            # Elsewhere the arrows go on to the focused widget, such as a table to scroll.
+            return self.screen.has_class("narrow")
         return True
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for binding in self.BINDINGS:
-            if binding.action in ("quit", "help") or self.check_action(binding.action, ()) is not True:
+            if binding.action in ("quit", "help") or not binding.show or self.check_action(binding.action, ()) is not True:
                 continue
             yield SystemCommand(binding.description, f"key {binding.key_display or binding.key}", lambda action=binding.action: self.run_action(action))
 
@@ -277,6 +283,12 @@ class TakeoverApp(App):
             self.refresh_panes()
         else:
             self._update_status()
+
+    def action_previous_tab(self) -> None:
+        self.screen.query_one(Tabs).action_previous_tab()
+
+    def action_next_tab(self) -> None:
+        self.screen.query_one(Tabs).action_next_tab()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

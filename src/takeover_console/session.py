@@ -14,11 +14,12 @@ import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Coroutine
 
 from takeover_console.fdtable import FdSampler
 from takeover_console.model import SessionModel
-from takeover_console.observations import Recorder, event_observation, read_recording, replay, sample_observation, worker_observation
+from takeover_console.observations import WORKER, Recorder, event_observation, read_recording, replay, sample_observation, worker_observation
+from takeover_console.reorder import ReorderBuffer
 from takeover_console.socketfile import runtime_dir
 from takeover_console.workers import Supervisor, Worker, WorkerState
 
@@ -67,6 +68,7 @@ class LiveSession:
         self.handoff = config.handoff or self._make_handoff_path()
         self.recorder = Recorder(config.record) if config.record else None
         self.on_worker_change: Callable[[], None] = lambda: None
+        self._reorder = ReorderBuffer(self._fold)
         self.supervisor = Supervisor(self._on_event, self._on_state)
         self.sampler = FdSampler()
         self._sampling: asyncio.Task | None = None
@@ -95,11 +97,19 @@ class LiveSession:
     # Observations in.
 
     def observe(self, observation: dict) -> None:
-        """Record and fold one observation, then tell the listener."""
-        if self.recorder is not None:
-            self.recorder.write(observation)
-        self.model.apply(observation)
+        """Queue one observation; the model folds it in time order a moment later (reorder.py)."""
+        self._reorder.add(observation)
+
+    def _fold(self, observations: list[dict]) -> None:
+        """Record and fold observations released in time order, then tell the listeners."""
+        for observation in observations:
+            if self.recorder is not None:
+                self.recorder.write(observation)
+            self.model.apply(observation)
         self._on_change()
+        if any(observation.get("type") == WORKER for observation in observations):
+            # A process starting or dying is worth showing at once, not at the next refresh.
+            self.on_worker_change()
 
     def _on_event(self, worker: Worker, event: dict) -> None:
         self.observe(event_observation(worker.name, event))
@@ -123,8 +133,6 @@ class LiveSession:
     def _on_state(self, worker: Worker, detail: str) -> None:
         state = detail.split(":")[0]
         self.observe(worker_observation(worker.name, worker.role, worker.pid, worker.generation, state, detail))
-        # A process starting or dying is worth showing at once, not at the next refresh.
-        self.on_worker_change()
         if state == "exited":
             waiter = self._listening.get(worker.name)
             if waiter is not None and not waiter.done():
@@ -188,6 +196,8 @@ class LiveSession:
             await asyncio.gather(self._sampling, return_exceptions=True)
         self.sampler.close()
         await self.supervisor.close()
+        # The workers' last events and exits are in the model, and in the recording.
+        self._reorder.flush()
         if self.recorder is not None:
             self.recorder.close()
         if self._private_dir is not None:
@@ -241,9 +251,16 @@ class LiveSession:
         """Start the client's load again at the current rate."""
         await self.start_client()
 
-    async def set_client_rate(self, rate: float) -> None:
-        """Change the client's connections per second (restarts the client)."""
+    def set_client_rate(self, rate: float) -> Coroutine[None, None, None]:
+        """Set the client's connections per second now; await the result to restart the client.
+
+        The rate changes before the restart, so several quick changes each start from
+        the one before, and the restarts, which run one at a time, end at the last rate.
+        """
         self.client_rate = max(0.5, rate)
+        return self._restart_client_unless_paused()
+
+    async def _restart_client_unless_paused(self) -> None:
         if not self.client_paused:
             await self.start_client()
 

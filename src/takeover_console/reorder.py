@@ -1,0 +1,80 @@
+"""Put the observations of several workers back in time order before the model folds them.
+
+Each worker writes its events to its own pipe in batches (events.py flushes every 20 ms),
+and the supervisor notices a worker's exit on yet another path. So the server's
+"channel_down" can arrive after the supervisor's "forwarder killed", and the forwarder's
+"taken" before the server's "accepted". Every observation carries the time it happened
+("t", time.monotonic(), one clock for all processes on the machine), so holding each
+one a short while and releasing them sorted by "t" restores the order.
+
+NOTE: an observation that arrives more than ``delay`` after it happened (a worker
+stalled, or a heavily loaded machine) is released at once, after later ones. The model
+tolerates that; the order is then only mostly right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+
+# Seconds an observation waits for older ones that are still on their way: the workers'
+# 20 ms batching plus a margin for scheduling.
+DEFAULT_DELAY = 0.05
+
+
+class ReorderBuffer:
+    """Hold observations for ``delay`` seconds of their own clock, then release them in time order."""
+
+    def __init__(self, release: Callable[[list[dict]], None], delay: float = DEFAULT_DELAY):
+        """``release`` gets each batch of due observations, oldest first."""
+        self._release = release
+        self._delay = delay
+        self._heap: list[tuple[float, int, dict]] = []
+        self._order = itertools.count()  # keeps arrival order among equal times
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0  # time.monotonic() at which the timer fires
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, observation: dict) -> None:
+        """Queue one observation; it is released once ``delay`` has passed since its ``t``."""
+        heapq.heappush(self._heap, (float(observation.get("t", time.monotonic())), next(self._order), observation))
+        self._schedule()
+
+    def flush(self) -> None:
+        """Release everything queued now, in time order."""
+        self._cancel()
+        due = [item[2] for item in sorted(self._heap)]
+        self._heap.clear()
+        if due:
+            self._release(due)
+
+    def _release_due(self) -> None:
+        self._timer = None
+        limit = time.monotonic() - self._delay
+        due = []
+        while self._heap and self._heap[0][0] <= limit:
+            due.append(heapq.heappop(self._heap)[2])
+        if due:
+            self._release(due)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._heap:
+            return
+        due = self._heap[0][0] + self._delay
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._release_due)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
