@@ -36,8 +36,8 @@ def run_async(test):
     """Run an async test function to completion with asyncio.run."""
 
     @functools.wraps(test)
-    def run() -> None:
-        asyncio.run(test())
+    def run(*args, **kwargs) -> None:
+        asyncio.run(test(*args, **kwargs))
 
     return run
 
@@ -124,3 +124,24 @@ async def test_wide_cell_widens_column():
         await pilot.pause()
         assert visible_lines(table)[:3] == [" fd  kind", " 1   tcp", " 2   anon_inode"]
         assert table.virtual_size.width == len(" fd  anon_inode ")
+
+
+@run_async
+async def test_column_narrows_after_delay(monkeypatch):
+    """A column wider than its cells narrows only once SHRINK_AFTER has passed."""
+    from takeover_console.panes import row_table
+
+    clock = [1000.0]
+    monkeypatch.setattr(row_table, "monotonic", lambda: clock[0])
+    table = RowTable(COLUMNS)
+    async with TableApp(table).run_test(size=(40, 8)) as pilot:
+        table.sync({"a": ("1", "anon_inode")})
+        table.sync({"a": ("1", "tcp")})
+        await pilot.pause()
+        assert visible_lines(table)[0] == " fd  kind"
+        assert table.virtual_size.width == len(" fd  anon_inode ")
+
+        clock[0] += row_table.SHRINK_AFTER
+        table.sync({"a": ("1", "tcp")})
+        await pilot.pause()
+        assert table.virtual_size.width == len(" fd  kind ")

@@ -8,13 +8,16 @@ screen. This table keeps one rendered line per row, keyed by the row's cells. A 
 where few rows changed renders only those, and the table's size stays the same while all
 rows fit, so it needs no layout.
 
-It has a header line that does not scroll away, scrolls with the keys and the mouse
-wheel when it is focused, and has no cursor: nothing in the console acts on a row.
+A column widens at once for a wider cell and narrows again once no cell has needed its
+width for a few seconds. The header line does not scroll away. The table scrolls with
+the keys and the mouse wheel when it is focused, and has no cursor: nothing in the
+console acts on a row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from time import monotonic
 
 from rich.segment import Segment
 from rich.style import Style
@@ -27,6 +30,9 @@ Cells = Sequence[object]
 
 # Blank cells on each side of a column's text.
 CELL_PADDING = 1
+# Seconds a column must have been wider than its widest cell before it narrows, so
+# widths do not jump with every row that comes and goes.
+SHRINK_AFTER = 5.0
 
 
 class RowTable(ScrollView, can_focus=True):
@@ -48,6 +54,10 @@ class RowTable(ScrollView, can_focus=True):
         background: $panel;
         color: $foreground;
     }
+    RowTable:focus > .row-table--header {
+        background: $accent;
+        color: $text;
+    }
     """
 
     def __init__(self, columns: Sequence[tuple[str, str]], sort_key: str | None = None, **kwargs):
@@ -56,6 +66,8 @@ class RowTable(ScrollView, can_focus=True):
         self._labels = [Text(label) for label, _ in columns]
         self._sort_index = [key for _, key in columns].index(sort_key) if sort_key is not None else None
         self._widths = [label.cell_len for label in self._labels]
+        # Per column: monotonic() since when it has been wider than needed, or None.
+        self._wider_since: list[float | None] = [None] * len(self._labels)
         self._cells: dict[str, tuple[Text, ...]] = {}
         self._order: list[str] = []
         # Row key -> its line for the current column widths; dropped when either changes.
@@ -77,13 +89,8 @@ class RowTable(ScrollView, can_focus=True):
         order = list(cells)
         if self._sort_index is not None:
             order.sort(key=lambda key: _sort_value(cells[key][self._sort_index]))
-        widths = list(self._widths)
-        for row in cells.values():
-            for index, cell in enumerate(row):
-                if cell.cell_len > widths[index]:
-                    widths[index] = cell.cell_len
+        widths = self._column_widths(cells.values())
         if widths != self._widths:
-            # Columns only grow, so the table does not jitter as rows come and go.
             self._widths = widths
             self._lines.clear()
             self._header = None
@@ -99,6 +106,29 @@ class RowTable(ScrollView, can_focus=True):
         self._update_virtual_size()
         if changed:
             self.refresh()
+
+    def _column_widths(self, rows) -> list[int]:
+        """Return the widths to draw with: at once wider when needed, narrower only after SHRINK_AFTER."""
+        needed = [label.cell_len for label in self._labels]
+        for row in rows:
+            for index, cell in enumerate(row):
+                if cell.cell_len > needed[index]:
+                    needed[index] = cell.cell_len
+        now = monotonic()
+        widths = []
+        for index, (width, wanted) in enumerate(zip(self._widths, needed)):
+            if wanted >= width:
+                self._wider_since[index] = None
+                widths.append(wanted)
+                continue
+            since = self._wider_since[index]
+            if since is None:
+                self._wider_since[index] = now
+            elif now - since >= SHRINK_AFTER:
+                self._wider_since[index] = None
+                width = wanted
+            widths.append(width)
+        return widths
 
     def on_resize(self) -> None:
         self._update_virtual_size()
