@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from takeover_console.workers import Supervisor, WorkerState
+from takeover_console.workers import Supervisor, Worker, WorkerState
 
 
 def pid_exists(pid: int) -> bool:
@@ -177,3 +177,27 @@ def test_no_worker_outlives_console(workdir, how):
             console.kill()
             console.wait()
         console.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "accepted"),
+    [
+        (b'{"kind": "served", "pid": 7}', True),
+        (b'  {"kind": "served"}  \r', True),
+        (b"", True),
+        (b'{"kind": "served"} trailing', False),
+        (b'{"kind": "served"}{"kind": "served"}', False),
+        (b"[1, 2]", False),
+        (b'{"kind": ', False),
+        (b"\xff\xfe{}", False),
+        (b"[" * 100000 + b"]" * 100000, False),
+    ],
+    ids=["object", "padded", "empty", "trailing", "two objects", "array", "cut short", "not utf-8", "deep nesting"],
+)
+def test_event_line_parsing(line, accepted):
+    """Each line is one JSON object or it is rejected; nothing else reaches the event callback."""
+    events = []
+    supervisor = Supervisor(lambda worker, event: events.append(event))
+    worker = Worker("server", "server", [])
+    assert supervisor._handle_line(worker, line) is accepted
+    assert len(events) == (1 if accepted and line.strip() else 0)

@@ -202,6 +202,7 @@ class FdSampler:
         weakref.finalize(self, self._pool.close)
         self._scanner = FdScanner(self._pool, cloexec_refresh_ticks)
         self._processes: dict[int, psutil.Process] = {}
+        self._cmdlines: dict[int, tuple[str, ...]] = {}
         self._rows: dict[int, tuple[FdRow, ...]] = {}
         self._shared: dict[int, tuple[tuple[int, int], ...]] = {}
         self._shared_pids: frozenset[int] = frozenset()
@@ -310,9 +311,14 @@ class FdSampler:
                 if process.status() == psutil.STATUS_ZOMBIE:
                     return {"gone": True, "error": "exited (zombie)", "name": process.name()}
                 cpu = process.cpu_percent(None)
+                cmdline = self._cmdlines.get(pid)
+                if cmdline is None or first:
+                    # Read once per process: the command line changes only by exec().
+                    # NOTE: a sampled process that calls exec() keeps its old command line here.
+                    cmdline = self._cmdlines[pid] = tuple(process.cmdline())
                 return {
                     "name": process.name(),
-                    "cmdline": tuple(process.cmdline()),
+                    "cmdline": cmdline,
                     "cpu_percent": None if first else cpu,
                     "rss": process.memory_info().rss,
                 }
@@ -340,7 +346,7 @@ class FdSampler:
 
     def _forget(self, labels: dict[int, str], scans: dict[int, Scan]) -> None:
         """Drop cached state of pids, and of socket inodes, that this tick did not see."""
-        for cache in (self._processes, self._rows):
+        for cache in (self._processes, self._rows, self._cmdlines):
             for pid in [pid for pid in cache if pid not in labels or scans[pid].gone]:
                 del cache[pid]
         self._scanner.forget(pid for pid in labels if not scans[pid].gone)

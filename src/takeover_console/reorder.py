@@ -23,6 +23,9 @@ from collections.abc import Callable
 # Seconds an observation waits for older ones that are still on their way: the workers'
 # 20 ms batching plus a margin for scheduling.
 DEFAULT_DELAY = 0.05
+# Seconds between two releases at least. Releasing each observation as soon as it is due
+# woke the event loop for nearly every one: about 3.5% of a core at 4,000 a second.
+RELEASE_INTERVAL = 0.025
 
 
 class ReorderBuffer:
@@ -36,14 +39,17 @@ class ReorderBuffer:
         self._order = itertools.count()  # keeps arrival order among equal times
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0  # time.monotonic() at which the timer fires
+        self._quiet_until = 0.0  # no release before this time.monotonic()
 
     def __len__(self) -> int:
         return len(self._heap)
 
     def add(self, observation: dict) -> None:
         """Queue one observation; it is released once ``delay`` has passed since its ``t``."""
-        heapq.heappush(self._heap, (float(observation.get("t", time.monotonic())), next(self._order), observation))
-        self._schedule()
+        t = float(observation.get("t", time.monotonic()))
+        heapq.heappush(self._heap, (t, next(self._order), observation))
+        if self._timer is None or t + self._delay < self._timer_due:
+            self._schedule()
 
     def flush(self) -> None:
         """Release everything queued now, in time order."""
@@ -61,12 +67,13 @@ class ReorderBuffer:
             due.append(heapq.heappop(self._heap)[2])
         if due:
             self._release(due)
+        self._quiet_until = time.monotonic() + RELEASE_INTERVAL
         self._schedule()
 
     def _schedule(self) -> None:
         if not self._heap:
             return
-        due = self._heap[0][0] + self._delay
+        due = max(self._heap[0][0] + self._delay, self._quiet_until)
         if self._timer is not None:
             if self._timer_due <= due:
                 return
