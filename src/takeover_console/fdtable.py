@@ -21,7 +21,7 @@ Costs that grow with the number of fds are kept off the common path:
   target changing (fcntl F_SETFD), so each fd's /proc/PID/fdinfo is read again once
   every ``cloexec_refresh_ticks`` ticks, spread over the ticks by fd number. With the
   default of 20 ticks and more than 1,280 fds in all, the period grows instead, so a
-  tick reads about 64 fdinfo files: with 4,010 fds a flag changed by fcntl shows
+  tick reads about 64 fdinfo files. With 4,010 fds, a flag changed by fcntl shows
   within 63 ticks, about 16 s at 4 ticks a second.
 * A socket table whose content is byte for byte the last tick's is not parsed again,
   and a sock_diag datagram equal to one of the last dump reuses its parsed entries.
