@@ -145,3 +145,15 @@ async def test_column_narrows_after_delay(monkeypatch):
         table.sync({"a": ("1", "tcp")})
         await pilot.pause()
         assert table.virtual_size.width == len(" fd  kind ")
+
+
+@run_async
+async def test_whole_text_style_kept():
+    """A cell's own style (Text("x", style="dim")) reaches the screen, like a span's."""
+    table = RowTable(COLUMNS)
+    async with TableApp(table).run_test(size=(30, 8)) as pilot:
+        table.sync({"a": (Text("1", style="dim"), Text.assemble(("tcp", "bold")))})
+        await pilot.pause()
+        styles = {segment.text.strip(): segment.style for segment in table.render_line(1) if segment.text.strip()}
+        assert styles["1"].dim
+        assert styles["tcp"].bold

@@ -168,13 +168,17 @@ class RowTable(ScrollView, can_focus=True):
         return line
 
     def _render_cells(self, cells: Sequence[Text], style: Style) -> Strip:
+        console = self.app.console
         padding = " " * CELL_PADDING
         segments: list[Segment] = []
         for cell, width in zip(cells, self._widths):
             text = cell.copy()
             text.truncate(width, overflow="ellipsis", pad=True)
+            # Text.render() yields the spans' styles but not the style of the whole text
+            # (Text("x", style="dim")), which rich applies elsewhere: add it here.
+            cell_style = style + console.get_style(text.style) if text.style else style
             segments.append(Segment(padding, style))
-            segments.extend(Segment(part.text, style + part.style if part.style else style) for part in text.render(self.app.console))
+            segments.extend(Segment(part.text, cell_style + part.style if part.style else cell_style) for part in text.render(console))
             segments.append(Segment(padding, style))
         return Strip(segments, sum(self._widths) + 2 * CELL_PADDING * len(self._widths))
 
