@@ -112,6 +112,24 @@ def test_arrows_switch_tabs_from_table():
     assert asyncio.run(scenario()) == "tab-fds"
 
 
+def test_resize_under_help_applies_layout():
+    """A resize while the help screen is open still lays out the panes' screen."""
+
+    async def scenario():
+        app = TakeoverApp(ReplaySession(FIXTURES / "steady.jsonl", speed=0), refresh_interval=3600)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await app.session.finished.wait()
+            await pilot.press("question_mark")
+            await pilot.resize_terminal(80, 24)
+            await pilot.press("escape")
+            await pilot.pause()
+            return app.screen.has_class("narrow"), app.query_one("Tabs").display
+
+    narrow, tabs_shown = asyncio.run(scenario())
+    assert narrow
+    assert tabs_shown
+
+
 KEYS = ["f", "k", "t", "c", "plus", "minus", "s", "d", "p", "question_mark", "escape", "right", "left", "tab", "up", "down", "x", "enter", "ctrl+p", "space"]
 
 

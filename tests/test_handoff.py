@@ -60,6 +60,18 @@ def test_handoff_events_share_inode(programs, workdir):
     assert server.wait_event("taken")["latency_ms"] > 0
 
 
+def test_handoff_event_times_in_order(programs, workdir):
+    """accepted, offered and the forwarder's taken carry times in the order they happened."""
+    server, forwarder = start_pair(programs, workdir)
+    run_client(port_of(server), count=20, concurrency=4)
+    forwarder.wait_event("taken", lambda e: forwarder.count("taken") == 20)
+    for taken in [event for event in forwarder.events if event.get("kind") == "taken"]:
+        accepted = server.wait_event("accepted", lambda e, conn=taken["conn"]: e["conn"] == conn)
+        offered = server.wait_event("offered", lambda e, conn=taken["conn"]: e["conn"] == conn)
+        assert accepted["mono"] <= offered["mono"]
+        assert offered["mono"] <= taken["mono"]
+
+
 def test_reference_client_gets_replies(programs, workdir):
     """The reference client reads one reply of up to 1024 bytes per connection."""
     server, _ = start_pair(programs, workdir)

@@ -131,15 +131,17 @@ class TakeoverApp(App):
 
     def _apply_layout(self, width: int, height: int) -> None:
         narrow = width < WIDE_MIN_WIDTH or height < WIDE_MIN_HEIGHT
-        self.screen.set_class(narrow, "narrow")
-        self._show_tab(self.query_one(Tabs).active or "tab-overview")
+        # The panes' screen, also when the help screen is on top of it.
+        main = self.screen_stack[0]
+        main.set_class(narrow, "narrow")
+        self._show_tab(main.query_one(Tabs).active or "tab-overview")
 
     def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
         self._show_tab(event.tab.id)
 
     def _show_tab(self, tab_id: str) -> None:
         visible = TAB_PANES.get(tab_id, TAB_PANES["tab-overview"])
-        for pane in self.query(".pane"):
+        for pane in self.screen_stack[0].query(".pane"):
             pane.set_class(pane.id not in visible, "off-tab")
 
     # Refreshing.
@@ -204,7 +206,8 @@ class TakeoverApp(App):
             return self.session.client_paused
         if action in ("previous_tab", "next_tab"):
             # Elsewhere the arrows go on to the focused widget, such as a table to scroll.
-            return self.screen.has_class("narrow")
+            # Not while the help screen is on top.
+            return self.screen is self.screen_stack[0] and self.screen.has_class("narrow")
         return True
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
@@ -285,10 +288,10 @@ class TakeoverApp(App):
             self._update_status()
 
     def action_previous_tab(self) -> None:
-        self.screen.query_one(Tabs).action_previous_tab()
+        self.screen_stack[0].query_one(Tabs).action_previous_tab()
 
     def action_next_tab(self) -> None:
-        self.screen.query_one(Tabs).action_next_tab()
+        self.screen_stack[0].query_one(Tabs).action_next_tab()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

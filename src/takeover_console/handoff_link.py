@@ -232,8 +232,10 @@ class NativeLink:
         return None
 
     def report_offered(self, conn: "Connection") -> None:
-        """Emit the event of an offer that dispatch() sent."""
-        self.events.emit(ev.OFFERED, conn=conn.id, fd=conn.fd, inode=conn.inode)
+        """Emit the event of an offer that dispatch() sent, with the time it was sent."""
+        offer = self.pending.get(conn.id)
+        sent_ns = offer.sent_ns if offer is not None else time.monotonic_ns()
+        self.events.emit(ev.OFFERED, conn=conn.id, fd=conn.fd, inode=conn.inode, mono=round(sent_ns / 1e9, 6))
 
     def _on_deadline(self, conn_id: str) -> None:
         offer = self.pending.get(conn_id)

@@ -317,7 +317,9 @@ class Server:
         )
         reason = self.link.dispatch(conn)
         # Events are written after the handoff, so their cost is not on the client's path.
-        self.events.emit(ev.ACCEPTED, conn=conn.id, peer=conn.peer, local=conn.local, fd=fd, inode=conn.inode)
+        # They carry the time of the accept, or the forwarder's "taken" would seem to come first.
+        mono = round(conn.accepted_ns / 1e9, 6)
+        self.events.emit(ev.ACCEPTED, conn=conn.id, peer=conn.peer, local=conn.local, fd=fd, inode=conn.inode, mono=mono)
         if reason is None:
             self.link.report_offered(conn)
         else:

@@ -195,6 +195,9 @@ class LiveSession:
             self._sampling.cancel()
             await asyncio.gather(self._sampling, return_exceptions=True)
         self.sampler.close()
+        # The client first, so that none of its requests meets a server already stopping.
+        if CLIENT in self.supervisor.workers and self._running(CLIENT):
+            await self.supervisor.stop(CLIENT, timeout=CLIENT_STOP_TIMEOUT)
         await self.supervisor.close()
         # The workers' last events and exits are in the model, and in the recording.
         self._reorder.flush()
