@@ -9,7 +9,7 @@ from textual.app import App, ComposeResult
 from takeover_console.fdsample import FdRow, ProcessSample, Sample
 from takeover_console.model import SessionModel
 from takeover_console.observations import sample_observation, worker_observation
-from takeover_console.panes.fdtables import FdTableView
+from takeover_console.panes.fdtables import FdTablesPane, FdTableView
 from takeover_console.panes.processes import ProcessesPane
 from takeover_console.panes.row_table import RowTable
 
@@ -81,3 +81,20 @@ def test_restarted_worker_table_starts_fresh():
 
     rows = asyncio.run(scenario())
     assert [row[2] for row in rows] == ["8001"]
+
+
+def test_fd_tables_keep_role_order():
+    """The server's table comes first even when the forwarder's was mounted before it."""
+    model = fold([worker("forwarder", 200, "started", 1.0)])
+
+    async def scenario() -> list[str]:
+        pane = FdTablesPane()
+        async with PaneApp(pane, model).run_test() as pilot:
+            pane.refresh_from(model)
+            await pilot.pause()
+            fold([worker_observation("server", "server", 100, 1, "started", "started", t=1.1)], model)
+            pane.refresh_from(model)
+            await pilot.pause()
+            return [view.worker_name for view in pane.query(FdTableView)]
+
+    assert asyncio.run(scenario()) == ["server", "forwarder"]

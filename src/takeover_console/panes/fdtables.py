@@ -166,13 +166,18 @@ class FdTablesPane(Horizontal):
         """Mount a table for each process worth showing, drop the others, refresh the rest."""
         wanted = shown_workers(model, self.show_client)
         views = {view.worker_name: view for view in self.query(FdTableView)}
-        for name, view in views.items():
-            if name not in wanted:
-                view.remove()
-        for name in wanted:
+        for name in [name for name in views if name not in wanted]:
+            views.pop(name).remove()
+        for position, name in enumerate(wanted):
             view = views.get(name)
             if view is None:
-                self.mount(FdTableView(name, id=f"fds-{_css_id(name)}"))
+                # In the order shown_workers() gives, though the forwarder often starts first.
+                following = next((views[later] for later in wanted[position + 1 :] if later in views), None)
+                view = views[name] = FdTableView(name, id=f"fds-{_css_id(name)}")
+                if following is not None:
+                    self.mount(view, before=following)
+                else:
+                    self.mount(view)
             elif view.is_mounted:
                 view.refresh_from(model)
 
