@@ -173,7 +173,7 @@ def test_forwarder_closed_before_server_taken():
 
 
 def test_restarted_worker_counts_afresh():
-    """A worker name started again with a new pid answers from zero."""
+    """A worker name started again with a new pid counts its answered requests from zero."""
     killed = worker_observation("forwarder", "forwarder", FORWARDER_PID, 1, "exited", "exited: SIGKILL", t=3.0)
     restarted = worker_observation("forwarder", "forwarder", FORWARDER_PID + 1, 1, "started", "started", t=4.0)
     model = fold(started_workers() + handoff("100:1", 2.0) + [killed, restarted])
