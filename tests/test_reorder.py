@@ -92,3 +92,36 @@ def test_equal_times_keep_arrival_order():
         return await released_after(buffer, batches, 3)
 
     assert asyncio.run(scenario()) == ["first", "second", "third"]
+
+
+def test_batches_interleave_by_time():
+    """Batches of two workers, each in its own order, come out merged by time; equal times keep arrival order."""
+
+    async def scenario() -> list[str]:
+        batches: list[list[dict]] = []
+        buffer = ReorderBuffer(batches.append, delay=0.05)
+        now = time.monotonic()
+        buffer.extend([observation("server accepted", now - 0.004), observation("server taken", now - 0.001)])
+        buffer.extend([observation("forwarder taken", now - 0.002), observation("forwarder closed", now - 0.001)])
+        buffer.extend([])
+        return await released_after(buffer, batches, 4)
+
+    assert asyncio.run(scenario()) == ["server accepted", "forwarder taken", "server taken", "forwarder closed"]
+
+
+def test_later_arrivals_wait_their_turn():
+    """What is not yet due stays queued across releases and comes out after what was due before it."""
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        batches: list[list[dict]] = []
+        buffer = ReorderBuffer(batches.append, delay=0.1)
+        now = time.monotonic()
+        buffer.extend([observation("late", now + 0.1), observation("due", now - 0.2)])
+        first = await released_after(buffer, batches, 1)
+        assert len(buffer) == 1
+        buffer.add(observation("older", now - 0.15))
+        return first, await released_after(buffer, batches, 3)
+
+    first, names = asyncio.run(scenario())
+    assert first == ["due"]
+    assert names == ["due", "older", "late"]

@@ -48,8 +48,8 @@ class Recorder:
         self.states: list[tuple[str, str]] = []
         self.changed = asyncio.Event()
 
-    def on_event(self, worker, event):
-        self.events.append((worker.name, event))
+    def on_events(self, worker, events):
+        self.events.extend((worker.name, event) for event in events)
         self.changed.set()
 
     def on_state(self, worker, detail):
@@ -70,7 +70,7 @@ def run(coro):
 def test_start_kill_restart(workdir):
     async def scenario():
         seen = Recorder()
-        supervisor = Supervisor(seen.on_event, seen.on_state)
+        supervisor = Supervisor(seen.on_events, seen.on_state)
         supervisor.add("forwarder", "forwarder", ["--handoff", str(workdir / "h.sock")])
         try:
             first = (await supervisor.start("forwarder")).pid
@@ -94,7 +94,7 @@ def test_start_kill_restart(workdir):
 def test_events_arrive_in_order(workdir):
     async def scenario():
         seen = Recorder()
-        supervisor = Supervisor(seen.on_event, seen.on_state)
+        supervisor = Supervisor(seen.on_events, seen.on_state)
         supervisor.add("forwarder", "forwarder", ["--handoff", str(workdir / "h.sock")])
         try:
             await supervisor.start("forwarder")
@@ -117,7 +117,7 @@ def test_worker_crash_reported(workdir):
 
         async def scenario():
             seen = Recorder()
-            supervisor = Supervisor(seen.on_event, seen.on_state)
+            supervisor = Supervisor(seen.on_events, seen.on_state)
             supervisor.add("server", "server", ["--listen", f"127.0.0.1:{port}", "--handoff", str(workdir / "h.sock"), "--control", str(workdir / "c.sock")])
             try:
                 await supervisor.start("server")
@@ -141,10 +141,10 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
 
     async def main():
         ready = asyncio.Event()
-        def on_event(worker, event):
-            if event.get("kind") == "listening":
+        def on_events(worker, events):
+            if any(event.get("kind") == "listening" for event in events):
                 ready.set()
-        supervisor = Supervisor(on_event)
+        supervisor = Supervisor(on_events)
         supervisor.add("forwarder", "forwarder", ["--handoff", sys.argv[1]])
         worker = await supervisor.start("forwarder")
         await ready.wait()
@@ -185,19 +185,33 @@ def test_no_worker_outlives_console(workdir, how):
         (b'{"kind": "served", "pid": 7}', True),
         (b'  {"kind": "served"}  \r', True),
         (b"", True),
+        (b"  \t", True),
         (b'{"kind": "served"} trailing', False),
         (b'{"kind": "served"}{"kind": "served"}', False),
         (b"[1, 2]", False),
+        (b"7", False),
         (b'{"kind": ', False),
+        (b'{"kind": "\\q"}', False),
         (b"\xff\xfe{}", False),
         (b"[" * 100000 + b"]" * 100000, False),
+        (b'{"a":' * 100000 + b"1" + b"}" * 100000, False),
     ],
-    ids=["object", "padded", "empty", "trailing", "two objects", "array", "cut short", "not utf-8", "deep nesting"],
+    ids=["object", "padded", "empty", "blank", "trailing", "two objects", "array", "number", "cut short", "bad escape", "not utf-8", "deep array", "deep object"],
 )
 def test_event_line_parsing(line, accepted):
     """Each line is one JSON object or it is rejected; nothing else reaches the event callback."""
     events = []
-    supervisor = Supervisor(lambda worker, event: events.append(event))
+    supervisor = Supervisor(lambda worker, batch: events.extend(batch))
     worker = Worker("server", "server", [])
-    assert supervisor._handle_line(worker, line) is accepted
+    assert (supervisor._handle_lines(worker, line) == 0) is accepted
     assert len(events) == (1 if accepted and line.strip() else 0)
+
+
+def test_bad_line_spares_its_neighbours():
+    """A bad line in a burst is counted once; the good lines around it are still reported in order."""
+    batches = []
+    supervisor = Supervisor(lambda worker, batch: batches.append(batch))
+    worker = Worker("server", "server", [])
+    data = b'{"seq": 1}\n{"seq": \n\xff\n\n{"seq": 2}'
+    assert supervisor._handle_lines(worker, data) == 2
+    assert batches == [[{"seq": 1}, {"seq": 2}]]

@@ -31,8 +31,15 @@ RECORDING_HEADER = {"type": "recording", "format": "takeover-console observation
 
 
 def event_observation(worker: str, event: dict, t: float | None = None) -> dict:
-    """Wrap one worker event; ``t`` defaults to the event's own ``mono`` field."""
-    return {"type": EVENT, "t": event.get("mono", time.monotonic()) if t is None else t, "worker": worker, "event": event}
+    """Wrap one worker event; ``t`` defaults to the event's own ``mono`` field.
+
+    An event whose ``mono`` is missing or not a number gets the time it is wrapped.
+    """
+    if t is None:
+        t = event.get("mono")
+        if type(t) is not float:
+            t = float(t) if type(t) is int else time.monotonic()
+    return {"type": EVENT, "t": t, "worker": worker, "event": event}
 
 
 def worker_observation(worker: str, role: str, pid: int | None, generation: int, state: str, detail: str = "", t: float | None = None) -> dict:

@@ -35,6 +35,8 @@ SLOW_MOTION_HOLD = 0.5
 # Requests a continuous client sends before it would stop by itself (about a day at 5/s).
 CLIENT_COUNT = 500_000
 START_TIMEOUT = 10.0
+# The event kinds the session itself acts on; every other event only goes to the model.
+_SESSION_KINDS = frozenset({"takeover", "channel_up", "channel_down", "listening"})
 
 
 @dataclass
@@ -69,7 +71,7 @@ class LiveSession:
         self.recorder = Recorder(config.record) if config.record else None
         self.on_worker_change: Callable[[], None] = lambda: None
         self._reorder = ReorderBuffer(self._fold)
-        self.supervisor = Supervisor(self._on_event, self._on_state)
+        self.supervisor = Supervisor(self._on_events, self._on_state)
         self.sampler = FdSampler()
         self._sampling: asyncio.Task | None = None
         self._listening: dict[str, asyncio.Future] = {}
@@ -100,6 +102,10 @@ class LiveSession:
         """Queue one observation; the model folds it in time order a moment later (reorder.py)."""
         self._reorder.add(observation)
 
+    def observe_many(self, observations: list[dict]) -> None:
+        """Queue several observations at once, as ``observe`` does for one."""
+        self._reorder.extend(observations)
+
     def _fold(self, observations: list[dict]) -> None:
         """Record and fold observations released in time order, then tell the listeners."""
         for observation in observations:
@@ -107,23 +113,31 @@ class LiveSession:
                 self.recorder.write(observation)
             self.model.apply(observation)
         self._on_change()
-        if any(observation.get("type") == WORKER for observation in observations):
+        if any(observation["type"] == WORKER for observation in observations):
             # A process starting or dying is worth showing at once, not at the next refresh.
             self.on_worker_change()
 
-    def _on_event(self, worker: Worker, event: dict) -> None:
-        self.observe(event_observation(worker.name, event))
-        if event.get("kind") == "takeover" and event.get("phase") == "ready" and worker.name == self.upgrading:
+    def _on_events(self, worker: Worker, events: list[dict]) -> None:
+        name = worker.name
+        self.observe_many([event_observation(name, event) for event in events])
+        for event in events:
+            if event.get("kind") in _SESSION_KINDS:
+                self._on_session_event(worker, event)
+
+    def _on_session_event(self, worker: Worker, event: dict) -> None:
+        """Act on an event that changes what the session does next."""
+        kind = event.get("kind")
+        if kind == "takeover" and event.get("phase") == "ready" and worker.name == self.upgrading:
             # The new generation accepts now; actions apply to it from here on.
             if worker.role == SERVER:
                 self.server_name = worker.name
             else:
                 self.forwarder_name = worker.name
-        if event.get("kind") == "channel_up" and worker.role == SERVER:
+        elif kind == "channel_up" and worker.role == SERVER:
             self._channel_up.set()
-        elif event.get("kind") == "channel_down" and worker.role == SERVER:
+        elif kind == "channel_down" and worker.role == SERVER:
             self._channel_up.clear()
-        if event.get("kind") == "listening":
+        elif kind == "listening":
             if worker.role == SERVER:
                 self.server_address = event.get("addr")
             waiter = self._listening.get(worker.name)
