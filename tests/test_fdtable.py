@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from takeover_console import socktable
+from takeover_console import fdtable, socktable
 from takeover_console.fdtable import (
     KIND_ANON,
     KIND_FILE,
@@ -563,6 +563,57 @@ def test_sock_diag_failure_falls_back(fds_child, monkeypatch):
     monkeypatch.setattr(socktable, "dump_sock_diag", failing_dump)
     row = rows_by_fd(FdSampler(source=SOCK_DIAG).sample([child.pid]), child.pid)[fds["listener"]]
     assert row.state == "LISTEN"
+
+
+def costly_reads(monkeypatch, cpu_seconds: float) -> list[str]:
+    """Make every socket table read burn ``cpu_seconds`` of this thread's CPU; return the names read."""
+    read = socktable.read_table
+    names: list[str] = []
+
+    def costly(name, source):
+        names.append(name)
+        until = time.thread_time() + cpu_seconds
+        while time.thread_time() < until:
+            pass
+        return read(name, source)
+
+    monkeypatch.setattr(socktable, "read_table", costly)
+    return names
+
+
+def test_costly_table_read_reused(fds_child, monkeypatch):
+    """A read that cost 20 ms of CPU is reused by the next tick, which still shows its sockets."""
+    child, fds = fds_child
+    names = costly_reads(monkeypatch, 0.02)
+    monkeypatch.setattr(fdtable, "MAX_TABLE_AGE", 60.0)
+    sampler = FdSampler(table_read_share=0.001)
+    sampler.sample([child.pid])
+    read_first = sorted(names)
+    row = rows_by_fd(sampler.sample([child.pid]), child.pid)[fds["listener"]]
+    assert read_first and sorted(names) == read_first
+    assert row.state == "LISTEN"
+
+
+def test_reused_table_age_capped(fds_child, monkeypatch):
+    """However costly the read, a table is reused for MAX_TABLE_AGE seconds at most."""
+    child, _ = fds_child
+    costly_reads(monkeypatch, 0.02)
+    sampler = FdSampler(table_read_share=1e-6)
+    sampler.sample([child.pid])
+    assert sampler._last_reads
+    assert all(read.reuse_until - time.monotonic() <= fdtable.MAX_TABLE_AGE for read in sampler._last_reads.values())
+
+
+def test_cheap_table_read_repeated(fds_child, monkeypatch):
+    """With reuse off, every tick reads each table it needs again."""
+    child, _ = fds_child
+    names = costly_reads(monkeypatch, 0.0)
+    sampler = FdSampler(table_read_share=0)
+    sampler.sample([child.pid])
+    first = len(names)
+    sampler.sample([child.pid])
+    assert first > 0
+    assert len(names) == 2 * first
 
 
 # --- Serialisation and the sampler thread ------------------------------------------------

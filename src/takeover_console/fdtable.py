@@ -27,6 +27,11 @@ Costs that grow with the number of fds are kept off the common path:
   and a sock_diag datagram equal to one of the last dump reuses its parsed entries.
   Idle sockets leave a dump unchanged, and traffic or a timer changes only the
   datagrams that list the sockets concerned.
+* Reading a socket table costs CPU for every socket of the network namespace. When a
+  read was costly, the ticks after it reuse it, for a time in proportion to that cost
+  (DEFAULT_TABLE_READ_SHARE), and never beyond MAX_TABLE_AGE. A socket opened since the
+  read then shows no addresses or state, and a changed socket its old state, until the
+  next read. At demo rates a read costs well under a millisecond and every tick reads.
 * Rows are immutable and reused from the previous tick when nothing in them changed.
   A process whose fds and socket tables did not change gets the last tick's rows tuple.
 
@@ -103,6 +108,15 @@ DEFAULT_CLOEXEC_REFRESH_TICKS = 20
 # threads cut the readlink() calls of a tick from 12-13 ms to 7-9 ms (benchmarks/sampler.py
 # floor line). The cap at os.cpu_count() keeps threads from waiting for a CPU.
 DEFAULT_SCAN_THREADS = 2
+# The kernel walks every socket of the network namespace for a TCP dump, TIME_WAIT entries
+# included although it leaves them out of the reply: about 250 ns each on the benchmark
+# machine, so 7 ms with the 30,000 that 500 connections a second leave behind. After a read
+# that took C seconds of CPU, ticks reuse it for C / DEFAULT_TABLE_READ_SHARE seconds, so
+# reading one table costs at most about this share of a core. A read under 1.25 ms, as
+# with 5,000 sockets or fewer, is still made every tick at 4 ticks a second.
+DEFAULT_TABLE_READ_SHARE = 0.005
+# Seconds a reused table is at most old, however long its read took.
+MAX_TABLE_AGE = 2.0
 
 
 # Sampling.
@@ -161,6 +175,14 @@ class _TickTables:
 
 
 @dataclass(slots=True)
+class _TableRead:
+    """The last read of a socket table, and until when ticks may reuse it (time.monotonic())."""
+
+    raw: RawTable
+    reuse_until: float
+
+
+@dataclass(slots=True)
 class _ParsedTable:
     """A socket table as last parsed: its content, the inodes asked for and the entries found."""
 
@@ -177,6 +199,9 @@ class FdSampler:
     from then on. ``prefetch`` reads tables on a helper thread while fds are listed.
     ``scan_threads`` is how many threads read fds, the calling thread included. It is
     capped at os.cpu_count(), and 1 reads them all on the calling thread.
+    ``table_read_share`` bounds the CPU spent reading each socket table, as a share of a
+    core, by reusing a costly read for a while (see the module docstring); 0 reads every
+    table afresh on every tick.
     ``sample()`` may be called from any thread; concurrent calls run one at a time.
     Call ``close()`` to end the scan threads; they are daemon threads in any case.
     """
@@ -187,6 +212,7 @@ class FdSampler:
         cloexec_refresh_ticks: int = DEFAULT_CLOEXEC_REFRESH_TICKS,
         prefetch: bool = True,
         scan_threads: int = DEFAULT_SCAN_THREADS,
+        table_read_share: float = DEFAULT_TABLE_READ_SHARE,
     ):
         if source not in (SOCK_DIAG, PROCFS):
             raise ValueError(f"invalid socket table source {source!r}; expected {SOCK_DIAG!r} or {PROCFS!r}")
@@ -194,6 +220,8 @@ class FdSampler:
             raise ValueError(f"invalid cloexec_refresh_ticks {cloexec_refresh_ticks}; expected 1 or more")
         if scan_threads < 1:
             raise ValueError(f"invalid scan_threads {scan_threads}; expected 1 or more")
+        if not 0 <= table_read_share <= 1:
+            raise ValueError(f"invalid table_read_share {table_read_share!r}; expected a share of a core from 0 to 1")
         self._sources = {name: source for name in socktable.TABLES}
         self._prefetch = prefetch
         self._lock = threading.Lock()
@@ -209,6 +237,8 @@ class FdSampler:
         self._parse_caches = {name: socktable.ParseCache() for name in socktable.TABLES}
         self._parsed: dict[str, _ParsedTable] = {}
         self._failed_reads: dict[str, int] = {}
+        self._table_read_share = table_read_share
+        self._last_reads: dict[str, _TableRead] = {}
 
     @property
     def scan_threads(self) -> int:
@@ -247,7 +277,24 @@ class FdSampler:
         return Sample(mono=started, processes=processes, shared=self._shared, elapsed_ms=elapsed_ms)
 
     def _read_table(self, name: str) -> RawTable | None:
-        """Read one socket table; every read of a tick goes through here, once per table."""
+        """Return one socket table for this tick; every tick gets each table through here, once.
+
+        The table is read now unless the last read was costly and is recent enough to reuse.
+        """
+        last = self._last_reads.get(name)
+        if last is not None and time.monotonic() < last.reuse_until:
+            return last.raw
+        started = time.thread_time()
+        raw = self._read_table_now(name)
+        cost = time.thread_time() - started
+        if raw is not None and self._table_read_share > 0:
+            self._last_reads[name] = _TableRead(raw, time.monotonic() + min(cost / self._table_read_share, MAX_TABLE_AGE))
+        else:
+            self._last_reads.pop(name, None)
+        return raw
+
+    def _read_table_now(self, name: str) -> RawTable | None:
+        """Read one socket table from its source, falling back from sock_diag to procfs."""
         if self._sources[name] == SOCK_DIAG:
             try:
                 return socktable.read_table(name, SOCK_DIAG)
