@@ -11,9 +11,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
+from takeover_console import workers
 from takeover_console.workers import Supervisor, Worker, WorkerState
 
 
@@ -215,3 +217,23 @@ def test_bad_line_spares_its_neighbours():
     data = b'{"seq": 1}\n{"seq": \n\xff\n\n{"seq": 2}'
     assert supervisor._handle_lines(worker, data) == 2
     assert batches == [[{"seq": 1}, {"seq": 2}]]
+
+
+def test_lines_split_across_reads(monkeypatch):
+    """Lines cut at any byte, even inside a UTF-8 character, arrive whole; an over-long line is dropped."""
+    monkeypatch.setattr(workers, "MAX_EVENT_LINE", 64)
+    stream = b'{"seq": 1, "peer": "caf\xc3\xa9"}\n' + b'{"pad": "' + b"x" * 100 + b'"}\n' + b'{"seq": 2}\n{"seq": 3}'
+
+    async def scenario() -> list[dict]:
+        events: list[dict] = []
+        supervisor = Supervisor(lambda worker, batch: events.extend(batch))
+        pieces = iter([stream[start : start + 7] for start in range(0, len(stream), 7)])
+
+        async def read(size: int) -> bytes:
+            return next(pieces, b"")
+
+        process = types.SimpleNamespace(stdout=types.SimpleNamespace(read=read))
+        await supervisor._read_events(Worker("server", "server", []), process)
+        return events
+
+    assert asyncio.run(scenario()) == [{"seq": 1, "peer": "café"}, {"seq": 2}, {"seq": 3}]

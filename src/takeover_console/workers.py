@@ -104,7 +104,7 @@ class Worker:
 
 
 def parse_event_line(line: str) -> dict | None:
-    """Return the JSON object that fills ``line``, or None when the line holds anything else.
+    """Return the JSON object that makes up ``line``, or None when the line is anything else.
 
     Whitespace around the object is allowed; a second value, trailing text, an array or a
     cut-short object makes the line invalid.
@@ -206,14 +206,12 @@ class Supervisor:
                 break
             data = pending + chunk
             cut = data.rfind(b"\n")
-            if cut < 0:
-                pending = data
-                if len(pending) > MAX_EVENT_LINE:
-                    bad_lines += 1
-                    pending = b""
-                continue
             pending = data[cut + 1 :]
-            bad_lines += self._handle_lines(worker, data[:cut], bad_lines == 0)
+            if len(pending) > MAX_EVENT_LINE:
+                bad_lines += 1
+                pending = b""
+            if cut >= 0:
+                bad_lines += self._handle_lines(worker, data[:cut], bad_lines == 0)
         if pending:
             bad_lines += self._handle_lines(worker, pending, bad_lines == 0)
         if bad_lines > 1:
