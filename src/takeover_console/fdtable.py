@@ -108,14 +108,14 @@ DEFAULT_CLOEXEC_REFRESH_TICKS = 20
 # threads cut the readlink() calls of a tick from 12-13 ms to 7-9 ms (benchmarks/sampler.py
 # floor line). The cap at os.cpu_count() keeps threads from waiting for a CPU.
 DEFAULT_SCAN_THREADS = 2
-# The kernel walks every socket of the network namespace for a TCP dump, TIME_WAIT entries
-# included although it leaves them out of the reply: about 250 ns each on the benchmark
-# machine, so 7 ms with the 30,000 that 500 connections a second leave behind. After a read
-# that took C seconds of CPU, ticks reuse it for C / DEFAULT_TABLE_READ_SHARE seconds, so
-# reading one table costs at most about this share of a core. A read under 1.25 ms, as
-# with 5,000 sockets or fewer, is still made every tick at 4 ticks a second.
+# For a TCP dump the kernel walks every socket of the network namespace. TIME_WAIT entries
+# are walked too, although the reply leaves them out. Each costs about 250 ns on the
+# benchmark machine: 7 ms for the 30,000 that 500 connections a second leave behind.
+# After a read that took C seconds of CPU, ticks reuse it for C / DEFAULT_TABLE_READ_SHARE
+# seconds, so reading one table costs at most about this share of a core. A read under
+# 1.25 ms (about 5,000 sockets or fewer) is still made every tick at 4 ticks a second.
 DEFAULT_TABLE_READ_SHARE = 0.005
-# Seconds a reused table is at most old, however long its read took.
+# The longest a table is reused, in seconds, however long its read took.
 MAX_TABLE_AGE = 2.0
 
 
