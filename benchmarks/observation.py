@@ -21,7 +21,10 @@ workers run and lasts ``--seconds`` seconds. Over it, the script measures:
   ``answered`` events;
 - the sampler's tick time (Sample.elapsed_ms), p50 and p99;
 - the CPU time of each worker process, from /proc/PID/stat, because the workers share
-  the machine's cores with this process.
+  the machine's cores with this process;
+- the TIME_WAIT entries of the network namespace at the start and end of the window:
+  the sampler's TCP dumps cost more the more there are, and each run leaves up to 60 s
+  worth (30,000 at 500 connections per second) for the runs after it.
 
 The variants split the cost. ``full`` is what the console runs. ``no-sampler`` sets the
 sample interval so long that no tick happens. ``recorder`` adds a Recorder. ``parse-only``
@@ -158,6 +161,22 @@ def thread_cpu_seconds() -> dict[int, float]:
 def executor_thread_ids() -> set[int]:
     """Return the thread ids of the event loop's default executor, which runs the sampler's ticks."""
     return {thread.native_id for thread in threading.enumerate() if thread.name.startswith(EXECUTOR_THREAD_PREFIX)}
+
+
+def time_wait_count() -> int:
+    """Count the TIME_WAIT entries of this network namespace, from /proc/net/tcp and tcp6.
+
+    Every TCP dump of the sampler walks past them, so its cost grows with this count.
+    """
+    count = 0
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{name}", "rb") as table:
+                next(table, None)  # the header line
+                count += sum(1 for line in table if line.split(None, 4)[3] == b"06")
+        except OSError:
+            pass
+    return count
 
 
 def pid_alive(pid: int) -> bool:
@@ -311,10 +330,14 @@ async def measure_window(session: LiveSession, probe: Probe, warmup: float, seco
     """
     pids = await wait_until_running(session)
     await asyncio.sleep(warmup)
+    time_wait_at_start = time_wait_count()
     start = Snapshot.take(probe, pids)
     await asyncio.sleep(seconds)
     end = Snapshot.take(probe, pids)
-    return Window.between(start, end, probe), pids
+    window = Window.between(start, end, probe)
+    window.extra["TIME_WAIT at start"] = time_wait_at_start
+    window.extra["TIME_WAIT at end"] = time_wait_count()
+    return window, pids
 
 
 async def check_workers_gone(pids: dict[str, int], timeout: float = EXIT_CHECK_TIMEOUT) -> None:
@@ -402,7 +425,7 @@ def window_line(variant: Variant, window: Window) -> str:
         f"  {variant.name:<11} CPU {window.cpu_percent:5.1f}% of a core (main thread {threads['main']:.1f}%, sampler thread {threads['sampler']:.1f}%,"
         f" other threads {threads['other']:.1f}%; inside observe() {window.observe_percent:.1f}%),"
         f" {window.per_second.get(EVENT, 0):.0f} events/s, {window.answered_per_second:.0f} conn/s answered,"
-        f" {len(window.tick_ms)} ticks; workers: {workers}"
+        f" {len(window.tick_ms)} ticks, TIME_WAIT entries {window.extra['TIME_WAIT at start']:,.0f} to {window.extra['TIME_WAIT at end']:,.0f}; workers: {workers}"
     )
 
 
