@@ -197,9 +197,11 @@ class Probe:
 
     def __init__(self, session: LiveSession):
         self._observe = session.observe
-        self._observe_many = session.observe_many
         session.observe = self.observe
-        session.observe_many = self.observe_many
+        # Commits before 24ddb60 have no observe_many(); the probe then wraps observe() alone.
+        self._observe_many = getattr(session, "observe_many", None)
+        if self._observe_many is not None:
+            session.observe_many = self.observe_many
         self.counts: Counter[str] = Counter()
         self.answered = 0
         self.failed = 0
