@@ -182,6 +182,16 @@ def test_restarted_worker_counts_afresh():
     assert model.counters.by_forwarder == 1
 
 
+def test_restarted_client_counts_afresh():
+    """A new client process counts the answers it received from zero; the session totals go on."""
+    stopped = worker_observation("client", "client", 300, 1, "exited", "exited: exit code 0", t=3.0)
+    restarted = worker_observation("client", "client", 301, 1, "started", "started", t=4.0)
+    answer = event_observation("client", {"role": "client", "pid": 301, "gen": 1, "kind": "answered", "mono": 5.0, "seq": 1, "by": "server"})
+    model = fold(started_workers() + handoff("100:1", 2.0) + [stopped, restarted, answer])
+    assert model.processes["client"].answered == 1
+    assert model.counters.by_forwarder + model.counters.by_server == 2
+
+
 def test_late_earlier_event_sets_opened():
     """A connection's age starts at its earliest event, even when that event arrives later."""
     late_first = [

@@ -17,8 +17,8 @@ refuses, the server answers the connection itself (fallback). The **client** sen
 and counts who answered.
 
 **Processes.** The three programs with their pid, generation, state, uptime, CPU, memory,
-open fds and requests answered (by that process; the client row counts every answer
-it received). A killed forwarder stays listed as killed.
+open fds and requests answered (by that process; the client row counts the answers that
+client process received). A killed forwarder stays listed as killed.
 
 **fd tables.** Every open fd of the server and the forwarder, read from `/proc`. A socket
 held by both processes at once is marked with the same ◆ and colour in both tables, with

@@ -56,7 +56,7 @@ class ProcessesPane(Vertical):
                 percent(view.cpu_percent) if alive else "-",
                 size(view.rss) if alive else "-",
                 str(view.fds) if alive and view.fds is not None else "-",
-                str(view.answered) if view.role != "client" else str(model.counters.by_server + model.counters.by_forwarder),
+                str(view.answered),
             )
         self.query_one(RowTable).sync(rows)
 
