@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -30,15 +31,22 @@ TYPES = (EVENT, WORKER, SAMPLE)
 RECORDING_HEADER = {"type": "recording", "format": "takeover-console observations", "version": 1}
 
 
+def is_time(value: object) -> bool:
+    """Tell whether ``value`` can be an observation's time: a finite float, or an int that converts to a float exactly."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -(2**53) <= value <= 2**53
+
+
 def event_observation(worker: str, event: dict, t: float | None = None) -> dict:
     """Wrap one worker event; ``t`` defaults to the event's own ``mono`` field.
 
-    An event whose ``mono`` is missing or not a number gets the time it is wrapped.
+    An event whose ``mono`` is missing or not a finite number gets the time it is wrapped.
     """
     if t is None:
         t = event.get("mono")
-        if type(t) is not float:
-            t = float(t) if type(t) is int else time.monotonic()
+        if type(t) is not float or not math.isfinite(t):
+            t = float(t) if is_time(t) else time.monotonic()
     return {"type": EVENT, "t": t, "worker": worker, "event": event}
 
 
@@ -88,7 +96,7 @@ class RecordingError(ValueError):
 def read_recording(path: Path) -> Iterator[dict]:
     """Yield the observations of a recording in file order, checking the header first.
 
-    Lines that are not JSON objects of a known type are skipped; a file with no valid
+    Lines that are not JSON objects of a known type with a finite ``t`` are skipped; a file with no valid
     header raises RecordingError naming the line.
     """
     try:
@@ -110,7 +118,7 @@ def read_recording(path: Path) -> Iterator[dict]:
                 observation = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(observation, dict) and observation.get("type") in TYPES and isinstance(observation.get("t"), (int, float)):
+            if isinstance(observation, dict) and observation.get("type") in TYPES and is_time(observation.get("t")):
                 yield observation
 
 
