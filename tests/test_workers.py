@@ -237,3 +237,58 @@ def test_lines_split_across_reads(monkeypatch):
         return events
 
     assert asyncio.run(scenario()) == [{"seq": 1, "peer": "café"}, {"seq": 2}, {"seq": 3}]
+
+
+def fake_process(stream: bytes, size: int) -> types.SimpleNamespace:
+    """A stand-in for a worker process whose stdout returns ``stream`` in reads of ``size`` bytes."""
+    pieces = iter([stream[start : start + size] for start in range(0, len(stream), size)])
+
+    async def read(limit: int) -> bytes:
+        return next(pieces, b"")
+
+    return types.SimpleNamespace(stdout=types.SimpleNamespace(read=read))
+
+
+def test_over_long_line_dropped_whole(monkeypatch, caplog):
+    """No part of a line longer than MAX_EVENT_LINE becomes an event, and the drop is logged once."""
+    monkeypatch.setattr(workers, "MAX_EVENT_LINE", 64)
+    forged = b'{"kind": "listening", "addr": "forged"}'
+    stream = b'{"seq": 1}\n' + b"x" * 100 + forged + b"\n" + b'{"pad": "' + b"y" * 80 + b'"}\n{"seq": 2}\n'
+    events: list[dict] = []
+    supervisor = Supervisor(lambda worker, batch: events.extend(batch))
+    asyncio.run(supervisor._read_events(Worker("server", "server", []), fake_process(stream, 50)))
+    assert events == [{"seq": 1}, {"seq": 2}]
+    assert "wrote 2 lines that are not JSON objects" in caplog.text
+
+
+def test_not_json_constants_rejected():
+    """NaN and Infinity are not JSON, and only JSON whitespace may surround the object."""
+    assert workers.parse_event_line('{"mono": NaN}') is None
+    assert workers.parse_event_line('{"mono": -Infinity}') is None
+    assert workers.parse_event_line('\xa0{"mono": 1.5}') is None
+    assert workers.parse_event_line(' \t{"mono": 1.5}\r') == {"mono": 1.5}
+
+
+def test_failing_callback_keeps_reading():
+    """An exception in the event callback is logged, and later events still arrive."""
+    seen: list[dict] = []
+
+    def on_events(worker, batch):
+        seen.extend(batch)
+        if any(event.get("seq") == 1 for event in batch):
+            raise RuntimeError("callback failed")
+
+    stream = b'{"seq": 1}\n{"seq": 2}\n'
+    supervisor = Supervisor(on_events)
+    asyncio.run(supervisor._read_events(Worker("server", "server", []), fake_process(stream, 11)))
+    assert seen == [{"seq": 1}, {"seq": 2}]
+
+
+def test_over_long_complete_line_rejected(monkeypatch):
+    """A whole line longer than MAX_EVENT_LINE, read at once, is rejected like a cut-off one."""
+    monkeypatch.setattr(workers, "MAX_EVENT_LINE", 64)
+    events: list[dict] = []
+    supervisor = Supervisor(lambda worker, batch: events.extend(batch))
+    data = b'{"seq": 1}\n{"pad": "' + b"y" * 80 + b'"}\n{"seq": 2}'
+    assert supervisor._handle_lines(Worker("server", "server", []), data) == 1
+    assert events == [{"seq": 1}, {"seq": 2}]

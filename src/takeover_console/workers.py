@@ -28,6 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from takeover_console.logs import RepeatLimiter, repeats_note
+
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 3.0
@@ -35,10 +37,19 @@ LOG_LINES_KEPT = 200
 # A line longer than this on a worker's stdout is not an event; it is dropped.
 MAX_EVENT_LINE = 1 << 20
 READ_CHUNK = 1 << 16
-# Parses one JSON value at an index of a str. json.loads() and raw_decode() add an encoding
-# guess, a whitespace search and two Python calls to every line, a third of the parsing time
-# at thousands of lines a second.
-_SCAN = json.scanner.make_scanner(json.JSONDecoder())
+# The scanner parses one JSON value at an index of a str. It is what json.loads() runs
+# after guessing the encoding of bytes and searching for whitespace, which cost about
+# half the time of a 200-byte event line. NaN and Infinity are not JSON, though json
+# accepts them by default; a line with one is rejected.
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_SCAN = json.scanner.make_scanner(json.JSONDecoder(parse_constant=_reject_constant))
+# The whitespace JSON allows around a value.
+_JSON_SPACE = " \t\r\n"
 
 # The event after which a worker counts as running: servers once they listen.
 READY_KIND = {"server": "listening", "forwarder": "listening", "client": "started"}
@@ -110,14 +121,14 @@ def parse_event_line(line: str) -> dict | None:
     cut-short object makes the line invalid.
     """
     if line[:1] != "{":
-        line = line.strip()
+        line = line.lstrip(_JSON_SPACE)
         if line[:1] != "{":
             return None
     try:
         event, end = _SCAN(line, 0)
     except (StopIteration, ValueError, RecursionError):
         return None
-    if end != len(line) and not line[end:].isspace():
+    if end != len(line) and line[end:].strip(_JSON_SPACE):
         return None
     return event
 
@@ -149,6 +160,7 @@ class Supervisor:
     def __init__(self, on_events: EventCallback, on_state: StateCallback | None = None, env: dict[str, str] | None = None):
         self.workers: dict[str, Worker] = {}
         self._on_events = on_events
+        self._callback_errors = RepeatLimiter()
         self._on_state = on_state or (lambda worker, detail: None)
         self._env = env
         self._closed = False
@@ -200,19 +212,31 @@ class Supervisor:
         # events costs far less than one readline() per event at thousands per second.
         bad_lines = 0
         pending = b""
+        # True after the start of a line longer than MAX_EVENT_LINE was dropped: the rest of
+        # that line, up to its newline, is dropped too.
+        skipping = False
         while True:
             chunk = await process.stdout.read(READ_CHUNK)
             if not chunk:
                 break
+            if skipping:
+                newline = chunk.find(b"\n")
+                if newline < 0:
+                    continue
+                chunk = chunk[newline + 1 :]
+                skipping = False
             data = pending + chunk
             cut = data.rfind(b"\n")
             pending = data[cut + 1 :]
-            if len(pending) > MAX_EVENT_LINE:
-                bad_lines += 1
-                pending = b""
             if cut >= 0:
                 bad_lines += self._handle_lines(worker, data[:cut], bad_lines == 0)
-        if pending:
+            if len(pending) > MAX_EVENT_LINE:
+                bad_lines += 1
+                if bad_lines == 1:
+                    log.warning("%s wrote a line longer than %d bytes; it is dropped", worker.name, MAX_EVENT_LINE)
+                pending = b""
+                skipping = True
+        if pending and not skipping:
             bad_lines += self._handle_lines(worker, pending, bad_lines == 0)
         if bad_lines > 1:
             log.warning("%s wrote %d lines that are not JSON objects", worker.name, bad_lines)
@@ -220,26 +244,36 @@ class Supervisor:
     def _handle_lines(self, worker: Worker, data: bytes, warn: bool = True) -> int:
         """Report the events on the lines of ``data``; return how many lines were not JSON objects.
 
-        With ``warn``, the first such line is logged.
+        A line longer than MAX_EVENT_LINE bytes counts as not one. With ``warn``, the first
+        such line is logged. An exception raised by a callback is logged, and reading goes
+        on: a reader that stopped would leave the worker blocked on a full pipe.
         """
         events = []
         bad_lines = 0
-        for line in _decode_lines(data):
+        lines = _decode_lines(data)
+        if len(data) > MAX_EVENT_LINE:
+            lines = [None if len(raw) > MAX_EVENT_LINE else line for raw, line in zip(data.split(b"\n"), lines)]
+        for line in lines:
             event = parse_event_line(line) if line is not None else None
             if event is not None:
                 events.append(event)
-            elif line is None or line.strip():
+            elif line is None or line.strip(_JSON_SPACE):
                 bad_lines += 1
                 if warn and bad_lines == 1:
-                    log.warning("%s wrote a line that is not a JSON object: %r", worker.name, (line or "(not UTF-8)")[:120])
+                    log.warning("%s wrote a line that is not a JSON object: %r", worker.name, (line or "(not UTF-8 or too long)")[:120])
         if not events:
             return bad_lines
-        if worker.state is WorkerState.STARTING:
-            ready_kind = READY_KIND.get(worker.role, "started")
-            if any(event.get("kind") == ready_kind for event in events):
-                worker.state = WorkerState.RUNNING
-                self._on_state(worker, "running")
-        self._on_events(worker, events)
+        try:
+            if worker.state is WorkerState.STARTING:
+                ready_kind = READY_KIND.get(worker.role, "started")
+                if any(event.get("kind") == ready_kind for event in events):
+                    worker.state = WorkerState.RUNNING
+                    self._on_state(worker, "running")
+            self._on_events(worker, events)
+        except Exception:  # noqa: BLE001 - see the docstring
+            suppressed = self._callback_errors.check(worker.name)
+            if suppressed is not None:
+                log.exception("handling the events of %s failed%s", worker.name, repeats_note(suppressed))
         if worker._takeover_waiters:
             for event in events:
                 if event.get("kind") == "takeover" and event.get("phase") == "ready":
