@@ -604,6 +604,20 @@ def test_reused_table_age_capped(fds_child, monkeypatch):
     assert all(read.reuse_until - time.monotonic() <= fdtable.MAX_TABLE_AGE for read in sampler._last_reads.values())
 
 
+def test_tick_waits_for_unneeded_reads():
+    """A table read started for a tick has ended when the tick ends, even if no fd needed the table."""
+    finished = []
+
+    def slow_read(name):
+        time.sleep(0.05)  # stands for a slow kernel dump
+        finished.append(name)
+
+    tables = fdtable._TickTables(slow_read, prefetch=True)
+    tables.start("tcp6")
+    tables.join()
+    assert finished == ["tcp6"]
+
+
 def test_cheap_table_read_repeated(fds_child, monkeypatch):
     """With reuse off, every tick reads each table it needs again."""
     child, _ = fds_child

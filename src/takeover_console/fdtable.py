@@ -170,6 +170,11 @@ class _TickTables:
             self._store(name)
         return self._raw.get(name)
 
+    def join(self) -> None:
+        """Wait for every read this tick started, needed or not, so that none outlives the tick."""
+        for thread in list(self._threads.values()):
+            thread.join()
+
     def _store(self, name: str) -> None:
         self._raw[name] = self._read(name)
 
@@ -267,6 +272,9 @@ class FdSampler:
         figures = {pid: self._process_figures(pid) for pid in labels}
         scans = self._scanner.scan(labels, tables)
         entries, tables_unchanged = self._parse_tables(tables)
+        # A read started for a table that no fd needed this time may still run. It must end
+        # before the next tick, which could read the same table at the same time otherwise.
+        tables.join()
 
         processes = {pid: self._process_sample(pid, labels[pid], figures[pid], scans[pid], entries, tables_unchanged) for pid in labels}
         if not self._shared_unchanged(labels, scans):
