@@ -200,3 +200,14 @@ def test_late_earlier_event_sets_opened():
     ]
     model = fold(started_workers() + late_first)
     assert model.connections["100:1"].opened_t == 2.0
+
+
+def test_bad_field_spares_later_observations():
+    """An event with a field of the wrong type is counted and skipped; the observations around it still fold."""
+    steps = handoff("100:1", 2.0)
+    text_latency = server_event("taken", 2.00005, conn="100:2", fd=10, peer_fd=13, latency_ms="fast")
+    list_pid = event_observation("server-2", {"role": "server", "pid": [100], "kind": "started", "mono": 2.00006})
+    model = fold(started_workers() + steps[:2] + [text_latency, list_pid] + steps[2:])
+    assert model.bad_observations == 2
+    assert model.counters.by_forwarder == 1
+    assert "100:1" not in model.connections

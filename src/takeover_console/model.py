@@ -120,22 +120,34 @@ class SessionModel:
         # Socket inodes with a part to play: "listener", "handoff socket", "handoff channel".
         self.inode_labels: dict[int, str] = {}
         self.slow_motion = False
+        # Observations that could not be folded, and why the last one could not.
+        self.bad_observations = 0
+        self.last_bad_observation = ""
 
     # Folding.
 
     def apply(self, observation: dict) -> None:
-        """Fold one observation into the model."""
-        t = float(observation.get("t", self.now))
-        if self.start_t is None:
-            self.start_t = t
-        self.now = max(self.now, t)
-        kind = observation.get("type")
-        if kind == EVENT:
-            self._apply_event(observation.get("worker", "?"), observation.get("event") or {}, t)
-        elif kind == WORKER:
-            self._apply_worker(observation, t)
-        elif kind == SAMPLE:
-            self._apply_sample(observation.get("sample") or {})
+        """Fold one observation into the model.
+
+        An observation with a field of the wrong type (a list for a pid, text for a
+        latency) is counted in ``bad_observations`` and folded no further. It never
+        raises, because the observations after it must still count.
+        """
+        try:
+            t = float(observation.get("t", self.now))
+            if self.start_t is None:
+                self.start_t = t
+            self.now = max(self.now, t)
+            kind = observation.get("type")
+            if kind == EVENT:
+                self._apply_event(observation.get("worker", "?"), observation.get("event") or {}, t)
+            elif kind == WORKER:
+                self._apply_worker(observation, t)
+            elif kind == SAMPLE:
+                self._apply_sample(observation.get("sample") or {})
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+            self.bad_observations += 1
+            self.last_bad_observation = f"{type(exc).__name__}: {exc}"
         self.version += 1
 
     def _process(self, name: str, role: str) -> ProcessView:
