@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Coroutine
 
 from takeover_console.fdtable import FdSampler
+from takeover_console.logs import RepeatLimiter
 from takeover_console.model import SessionModel
 from takeover_console.observations import WORKER, Recorder, event_observation, read_recording, replay, sample_observation, worker_observation
 from takeover_console.reorder import ReorderBuffer
@@ -71,6 +72,7 @@ class LiveSession:
         self.recorder = Recorder(config.record) if config.record else None
         self.on_worker_change: Callable[[], None] = lambda: None
         self._reorder = ReorderBuffer(self._fold)
+        self._bad_observations_log = RepeatLimiter()
         self.supervisor = Supervisor(self._on_events, self._on_state)
         self.sampler = FdSampler()
         self._sampling: asyncio.Task | None = None
@@ -108,10 +110,15 @@ class LiveSession:
 
     def _fold(self, observations: list[dict]) -> None:
         """Record and fold observations released in time order, then tell the listeners."""
+        bad_before = self.model.bad_observations
         for observation in observations:
             if self.recorder is not None:
                 self.recorder.write(observation)
             self.model.apply(observation)
+        if self.model.bad_observations != bad_before:
+            suppressed = self._bad_observations_log.check("bad observation")
+            if suppressed is not None:
+                log.warning("could not fold an observation (%s); %d so far", self.model.last_bad_observation, self.model.bad_observations)
         self._on_change()
         if any(observation["type"] == WORKER for observation in observations):
             # A process starting or dying is worth showing at once, not at the next refresh.
@@ -121,7 +128,8 @@ class LiveSession:
         name = worker.name
         self.observe_many([event_observation(name, event) for event in events])
         for event in events:
-            if event.get("kind") in _SESSION_KINDS:
+            kind = event.get("kind")
+            if type(kind) is str and kind in _SESSION_KINDS:
                 self._on_session_event(worker, event)
 
     def _on_session_event(self, worker: Worker, event: dict) -> None:
@@ -138,8 +146,8 @@ class LiveSession:
         elif kind == "channel_down" and worker.role == SERVER:
             self._channel_up.clear()
         elif kind == "listening":
-            if worker.role == SERVER:
-                self.server_address = event.get("addr")
+            if worker.role == SERVER and isinstance(event.get("addr"), str):
+                self.server_address = event["addr"]
             waiter = self._listening.get(worker.name)
             if waiter is not None and not waiter.done():
                 waiter.set_result(event)
