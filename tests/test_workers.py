@@ -292,3 +292,17 @@ def test_over_long_complete_line_rejected(monkeypatch):
     data = b'{"seq": 1}\n{"pad": "' + b"y" * 80 + b'"}\n{"seq": 2}'
     assert supervisor._handle_lines(Worker("server", "server", []), data) == 1
     assert events == [{"seq": 1}, {"seq": 2}]
+
+
+def test_failing_state_callback_keeps_events():
+    """A state callback that raises when a worker becomes running does not cost the events that made it so."""
+    events: list[dict] = []
+
+    def on_state(worker, detail):
+        raise RuntimeError("state callback failed")
+
+    supervisor = Supervisor(lambda worker, batch: events.extend(batch), on_state)
+    worker = Worker("forwarder", "forwarder", [], state=WorkerState.STARTING)
+    assert supervisor._handle_lines(worker, b'{"kind": "listening"}\n{"seq": 2}') == 0
+    assert worker.state is WorkerState.RUNNING
+    assert events == [{"kind": "listening"}, {"seq": 2}]

@@ -263,17 +263,12 @@ class Supervisor:
                     log.warning("%s wrote a line that is not a JSON object: %r", worker.name, (line or "(not UTF-8 or too long)")[:120])
         if not events:
             return bad_lines
-        try:
-            if worker.state is WorkerState.STARTING:
-                ready_kind = READY_KIND.get(worker.role, "started")
-                if any(event.get("kind") == ready_kind for event in events):
-                    worker.state = WorkerState.RUNNING
-                    self._on_state(worker, "running")
-            self._on_events(worker, events)
-        except Exception:  # noqa: BLE001 - see the docstring
-            suppressed = self._callback_errors.check(worker.name)
-            if suppressed is not None:
-                log.exception("handling the events of %s failed%s", worker.name, repeats_note(suppressed))
+        if worker.state is WorkerState.STARTING:
+            ready_kind = READY_KIND.get(worker.role, "started")
+            if any(event.get("kind") == ready_kind for event in events):
+                worker.state = WorkerState.RUNNING
+                self._call_safely(worker, self._on_state, worker, "running")
+        self._call_safely(worker, self._on_events, worker, events)
         if worker._takeover_waiters:
             for event in events:
                 if event.get("kind") == "takeover" and event.get("phase") == "ready":
@@ -283,6 +278,15 @@ class Supervisor:
                     worker._takeover_waiters.clear()
                     break
         return bad_lines
+
+    def _call_safely(self, worker: Worker, callback: Callable, *args) -> None:
+        """Call a callback; log an exception it raises instead of letting it end the reader."""
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001 - see _handle_lines
+            suppressed = self._callback_errors.check(worker.name)
+            if suppressed is not None:
+                log.exception("handling the events of %s failed%s", worker.name, repeats_note(suppressed))
 
     async def _read_log(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
         while True:
