@@ -899,3 +899,26 @@ def test_inet_diag_unchanged_datagram_reused():
     assert second[4911] == InetEntry("127.0.0.1:8080", "0.0.0.0:0", "LISTEN")
     assert second[4912] is first[4912]
     assert third[4912].state == "CLOSE_WAIT"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"processes": []},
+        {"mono": "1.5"},
+        {"mono": 1.5, "processes": {"pid": 7}},
+        {"mono": 1.5, "processes": [{"pid": [7]}]},
+        {"mono": 1.5, "processes": [{"pid": 7, "rss": "12 MB"}]},
+        {"mono": 1.5, "processes": [{"pid": 7, "gone": 1}]},
+        {"mono": 1.5, "processes": [{"pid": 7, "cmdline": [None]}]},
+        {"mono": 1.5, "processes": [{"pid": 7, "rows": [{"fd": "3", "kind": "pipe", "target": "pipe:[9]"}]}]},
+        {"mono": 1.5, "processes": [{"pid": 7, "rows": [{"fd": 3, "kind": "pipe", "target": "pipe:[9]", "inode": True}]}]},
+        {"mono": 1.5, "shared": [{"inode": 9, "holders": [[7]]}]},
+        {"mono": 1.5, "shared": [{"inode": "9", "holders": []}]},
+    ],
+    ids=["no mono", "text mono", "processes not a list", "list pid", "text rss", "int gone", "null in cmdline", "text fd", "bool inode", "short holder", "text inode"],
+)
+def test_from_dict_rejects_wrong_types(data):
+    """A recorded sample with a field of the wrong type is rejected with ValueError, never half built."""
+    with pytest.raises(ValueError):
+        Sample.from_dict(data)

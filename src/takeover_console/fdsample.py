@@ -3,7 +3,8 @@
 These frozen dataclasses are what fdtable.FdSampler produces and what a model or UI
 reads. ``to_dict()`` and ``from_dict()`` convert them to and from JSON-compatible dicts,
 for recording samples as JSON lines and replaying them. ``from_dict()`` ignores keys it
-does not know, so recordings stay readable when fields are added.
+does not know, so recordings stay readable when fields are added, and rejects a known
+field of the wrong type with ValueError.
 """
 
 from __future__ import annotations
@@ -61,11 +62,39 @@ class FdRow:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> FdRow:
-        """Build a row from ``to_dict()`` output, ignoring keys this version does not know."""
-        return cls(**{name: data[name] for name in _ROW_FIELDS if name in data})
+        """Build a row from ``to_dict()`` output, ignoring keys this version does not know.
+
+        Raise ValueError when a known field has a value of the wrong type.
+        """
+        return cls(**{name: _checked(name, data[name], types) for name, types in _ROW_TYPES.items() if name in data})
 
 
+_NONE = type(None)
+_ROW_TYPES = {
+    "fd": (int,),
+    "kind": (str,),
+    "target": (str,),
+    "cloexec": (bool, _NONE),
+    "inode": (int, _NONE),
+    "family": (str, _NONE),
+    "local": (str, _NONE),
+    "remote": (str, _NONE),
+    "state": (str, _NONE),
+    "path": (str, _NONE),
+    "peer_inode": (int, _NONE),
+    "protocol": (str, _NONE),
+    "error": (str, _NONE),
+}
 _ROW_FIELDS = tuple(f.name for f in fields(FdRow))
+assert set(_ROW_TYPES) == set(_ROW_FIELDS)
+
+
+def _checked(name: str, value: object, types: tuple[type, ...]) -> object:
+    """Return ``value`` if it is of one of ``types`` (a bool counts only where bool is named); else raise ValueError."""
+    if isinstance(value, types) and (type(value) is not bool or bool in types):
+        return value
+    expected = " or ".join("null" if kind is _NONE else kind.__name__ for kind in types)
+    raise ValueError(f"sample field {name!r} is {type(value).__name__} {str(value)[:40]!r}; expected {expected}")
 
 
 @dataclass(frozen=True)
@@ -108,14 +137,27 @@ class ProcessSample:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> ProcessSample:
-        """Build a process sample from ``to_dict()`` output."""
-        known = {f.name for f in fields(cls)} - {"rows", "cmdline"}
-        values = {name: data[name] for name in known if name in data}
+        """Build a process sample from ``to_dict()`` output; raise ValueError for a field of the wrong type."""
+        values = {name: _checked(name, data[name], types) for name, types in _PROCESS_TYPES.items() if name in data}
+        cmdline = _checked("cmdline", data.get("cmdline", []), (list, tuple))
+        rows = _checked("rows", data.get("rows", []), (list, tuple))
         return cls(
             **values,
-            cmdline=tuple(data.get("cmdline", ())),
-            rows=tuple(FdRow.from_dict(row) for row in data.get("rows", ())),
+            cmdline=tuple(_checked("cmdline item", item, (str,)) for item in cmdline),
+            rows=tuple(FdRow.from_dict(_checked("row", row, (dict,))) for row in rows),
         )
+
+
+_PROCESS_TYPES = {
+    "pid": (int,),
+    "label": (str,),
+    "gone": (bool,),
+    "error": (str, _NONE),
+    "name": (str, _NONE),
+    "cpu_percent": (float, int, _NONE),
+    "rss": (int, _NONE),
+    "num_fds": (int, _NONE),
+}
 
 
 @dataclass(frozen=True)
@@ -151,12 +193,27 @@ class Sample:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Sample:
-        """Build a sample from ``to_dict()`` output."""
-        processes = [ProcessSample.from_dict(item) for item in data.get("processes", ())]
-        shared = {item["inode"]: tuple((pid, fd) for pid, fd in item["holders"]) for item in data.get("shared", ())}
+        """Build a sample from ``to_dict()`` output; raise ValueError for a field of the wrong type or a missing one."""
+        if "mono" not in data:
+            raise ValueError("sample has no 'mono' field")
+        items = _checked("processes", data.get("processes", []), (list, tuple))
+        processes = [ProcessSample.from_dict(_checked("process", item, (dict,))) for item in items]
+        shared = {}
+        for item in _checked("shared", data.get("shared", []), (list, tuple)):
+            inode = _checked("shared inode", _checked("shared item", item, (dict,)).get("inode"), (int,))
+            holders = _checked("holders", item.get("holders"), (list, tuple))
+            shared[inode] = tuple(_holder(holder) for holder in holders)
         return cls(
-            mono=data["mono"],
+            mono=_checked("mono", data["mono"], (float, int)),
             processes={process.pid: process for process in processes},
             shared=shared,
-            elapsed_ms=data.get("elapsed_ms", 0.0),
+            elapsed_ms=_checked("elapsed_ms", data.get("elapsed_ms", 0.0), (float, int)),
         )
+
+
+def _holder(value: object) -> tuple[int, int]:
+    """Return a ``[pid, fd]`` pair of a shared socket as a tuple; raise ValueError for anything else."""
+    pair = _checked("holder", value, (list, tuple))
+    if len(pair) != 2:
+        raise ValueError(f"sample holder {str(value)[:40]!r} is not a [pid, fd] pair")
+    return (_checked("holder pid", pair[0], (int,)), _checked("holder fd", pair[1], (int,)))
