@@ -211,3 +211,17 @@ def test_bad_field_spares_later_observations():
     assert model.bad_observations == 2
     assert model.counters.by_forwarder == 1
     assert "100:1" not in model.connections
+
+
+def test_odd_names_not_folded():
+    """A worker or event whose role, state or pid has the wrong type changes nothing the panes show."""
+    odd_state = worker_observation("forwarder", "forwarder", FORWARDER_PID, 1, "started", "started", t=3.0)
+    odd_state["state"] = ["running"]
+    odd_role = event_observation("forwarder", {"role": ["forwarder"], "pid": FORWARDER_PID, "kind": "listening", "mono": 3.1})
+    odd_pid = worker_observation("client", "client", 301, 1, "started", "started", t=3.2)
+    odd_pid["pid"] = "301"
+    model = fold(started_workers() + [odd_state, odd_role, odd_pid])
+    assert model.bad_observations == 3
+    assert model.processes["forwarder"].state == "starting"
+    assert model.processes["forwarder"].role == "forwarder"
+    assert model.processes["client"].pid == 300

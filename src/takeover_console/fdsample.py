@@ -66,7 +66,7 @@ class FdRow:
 
         Raise ValueError when a known field has a value of the wrong type.
         """
-        return cls(**{name: _checked(name, data[name], types) for name, types in _ROW_TYPES.items() if name in data})
+        return cls(**{name: checked_type(name, data[name], types) for name, types in _ROW_TYPES.items() if name in data})
 
 
 _NONE = type(None)
@@ -89,12 +89,15 @@ _ROW_FIELDS = tuple(f.name for f in fields(FdRow))
 assert set(_ROW_TYPES) == set(_ROW_FIELDS)
 
 
-def _checked(name: str, value: object, types: tuple[type, ...]) -> object:
-    """Return ``value`` if it is of one of ``types`` (a bool counts only where bool is named); else raise ValueError."""
+def checked_type(name: str, value: object, types: tuple[type, ...]) -> object:
+    """Return ``value`` if it is of one of ``types`` (a bool counts only where bool is named); else raise ValueError.
+
+    ``name`` names the field in the message. Use ``type(None)`` in ``types`` to allow null.
+    """
     if isinstance(value, types) and (type(value) is not bool or bool in types):
         return value
     expected = " or ".join("null" if kind is _NONE else kind.__name__ for kind in types)
-    raise ValueError(f"sample field {name!r} is {type(value).__name__} {str(value)[:40]!r}; expected {expected}")
+    raise ValueError(f"field {name!r} is {type(value).__name__} {str(value)[:40]!r}; expected {expected}")
 
 
 @dataclass(frozen=True)
@@ -138,13 +141,13 @@ class ProcessSample:
     @classmethod
     def from_dict(cls, data: Mapping) -> ProcessSample:
         """Build a process sample from ``to_dict()`` output; raise ValueError for a field of the wrong type."""
-        values = {name: _checked(name, data[name], types) for name, types in _PROCESS_TYPES.items() if name in data}
-        cmdline = _checked("cmdline", data.get("cmdline", []), (list, tuple))
-        rows = _checked("rows", data.get("rows", []), (list, tuple))
+        values = {name: checked_type(name, data[name], types) for name, types in _PROCESS_TYPES.items() if name in data}
+        cmdline = checked_type("cmdline", data.get("cmdline", []), (list, tuple))
+        rows = checked_type("rows", data.get("rows", []), (list, tuple))
         return cls(
             **values,
-            cmdline=tuple(_checked("cmdline item", item, (str,)) for item in cmdline),
-            rows=tuple(FdRow.from_dict(_checked("row", row, (dict,))) for row in rows),
+            cmdline=tuple(checked_type("cmdline item", item, (str,)) for item in cmdline),
+            rows=tuple(FdRow.from_dict(checked_type("row", row, (dict,))) for row in rows),
         )
 
 
@@ -196,24 +199,24 @@ class Sample:
         """Build a sample from ``to_dict()`` output; raise ValueError for a field of the wrong type or a missing one."""
         if "mono" not in data:
             raise ValueError("sample has no 'mono' field")
-        items = _checked("processes", data.get("processes", []), (list, tuple))
-        processes = [ProcessSample.from_dict(_checked("process", item, (dict,))) for item in items]
+        items = checked_type("processes", data.get("processes", []), (list, tuple))
+        processes = [ProcessSample.from_dict(checked_type("process", item, (dict,))) for item in items]
         shared = {}
-        for item in _checked("shared", data.get("shared", []), (list, tuple)):
-            inode = _checked("shared inode", _checked("shared item", item, (dict,)).get("inode"), (int,))
-            holders = _checked("holders", item.get("holders"), (list, tuple))
+        for item in checked_type("shared", data.get("shared", []), (list, tuple)):
+            inode = checked_type("shared inode", checked_type("shared item", item, (dict,)).get("inode"), (int,))
+            holders = checked_type("holders", item.get("holders"), (list, tuple))
             shared[inode] = tuple(_holder(holder) for holder in holders)
         return cls(
-            mono=_checked("mono", data["mono"], (float, int)),
+            mono=checked_type("mono", data["mono"], (float, int)),
             processes={process.pid: process for process in processes},
             shared=shared,
-            elapsed_ms=_checked("elapsed_ms", data.get("elapsed_ms", 0.0), (float, int)),
+            elapsed_ms=checked_type("elapsed_ms", data.get("elapsed_ms", 0.0), (float, int)),
         )
 
 
 def _holder(value: object) -> tuple[int, int]:
     """Return a ``[pid, fd]`` pair of a shared socket as a tuple; raise ValueError for anything else."""
-    pair = _checked("holder", value, (list, tuple))
+    pair = checked_type("holder", value, (list, tuple))
     if len(pair) != 2:
         raise ValueError(f"sample holder {str(value)[:40]!r} is not a [pid, fd] pair")
-    return (_checked("holder pid", pair[0], (int,)), _checked("holder fd", pair[1], (int,)))
+    return (checked_type("holder pid", pair[0], (int,)), checked_type("holder fd", pair[1], (int,)))

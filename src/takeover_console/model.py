@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
+from takeover_console.fdsample import checked_type
 from takeover_console.fdtable import Sample
 from takeover_console.narration import describe_event, describe_worker
 from takeover_console.observations import EVENT, SAMPLE, WORKER
@@ -130,8 +131,8 @@ class SessionModel:
         """Fold one observation into the model.
 
         An observation with a field of the wrong type (a list for a pid, text for a
-        latency) is counted in ``bad_observations`` and folded no further. It never
-        raises, because the observations after it must still count.
+        latency) is counted in ``bad_observations`` and folded no further. It raises
+        nothing then, because the observations after it must still count.
         """
         try:
             t = float(observation.get("t", self.now))
@@ -158,6 +159,9 @@ class SessionModel:
         return view
 
     def _apply_worker(self, observation: dict, t: float) -> None:
+        for name, types in _WORKER_FIELDS.items():
+            if name in observation:
+                checked_type(name, observation[name], types)
         view = self._process(observation.get("worker", "?"), observation.get("role", "?"))
         state = observation.get("state", "")
         if state == "started":
@@ -182,11 +186,15 @@ class SessionModel:
 
     def _apply_event(self, worker: str, event: dict, t: float) -> None:
         role = event.get("role", "?")
-        view = self._process(worker, role)
-        if event.get("pid") is not None and view.pid is None:
-            view.pid = event["pid"]
-            self._names_by_pid[view.pid] = worker
+        pid = event.get("pid")
         kind = event.get("kind")
+        # Checked inline: thousands of events a second pass here.
+        if type(worker) is not str or type(role) is not str or type(kind) not in _KIND_TYPES or type(pid) not in _PID_TYPES:
+            raise ValueError(f"event of {str(worker)[:40]!r} has a worker, role, kind or pid of the wrong type")
+        view = self._process(worker, role)
+        if pid is not None and view.pid is None:
+            view.pid = pid
+            self._names_by_pid[pid] = worker
         handler = _EVENT_HANDLERS.get(kind)
         if handler is not None:
             handler(self, view, event, t)
@@ -224,9 +232,10 @@ class SessionModel:
             self._finished.popitem(last=False)
 
     def _on_started(self, view: ProcessView, event: dict, t: float) -> None:
+        generation = checked_type("gen", event.get("gen", view.generation), (int,))
         if view.state in ("idle", "exited"):
             view.state = "starting"
-        view.generation = event.get("gen", view.generation)
+        view.generation = generation
 
     def _on_listening(self, view: ProcessView, event: dict, t: float) -> None:
         if view.state in ("idle", "starting"):
@@ -385,6 +394,12 @@ class SessionModel:
         """OFFER to TAKEN round-trip percentile over recent handoffs, in ms."""
         return percentile(self.handoff_ms, pct)
 
+
+# The fields that name things the panes show and look up: an observation with one of
+# another type is not folded.
+_WORKER_FIELDS = {"worker": (str,), "role": (str,), "pid": (int, type(None)), "gen": (int, type(None)), "state": (str,)}
+_KIND_TYPES = (str, type(None))
+_PID_TYPES = (int, type(None))
 
 _EVENT_HANDLERS = {
     "started": SessionModel._on_started,
