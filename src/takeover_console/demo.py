@@ -77,7 +77,8 @@ def print_summary(session, out=sys.stdout) -> None:
     print(f"  peak shared sockets    {model.shared_peak} (one socket in two fd tables at once)", file=out)
     print(f"  client latency         p50 {_ms(p50)}, p99 {_ms(p99)}", file=out)
     if model.bad_observations:
-        print(f"  not folded             {model.bad_observations} observations with a field of the wrong type (last: {model.last_bad_observation})", file=out)
+        count = model.bad_observations
+        print(f"  not folded             {count} observation{'' if count == 1 else 's'} with a field of the wrong type (last: {model.last_bad_observation})", file=out)
 
 
 def _counts(counter) -> str:
