@@ -9,9 +9,10 @@ import random
 from pathlib import Path
 
 import pytest
+from textual import events
 
 from takeover_console.app import TakeoverApp
-from takeover_console.session import LiveSession, ReplaySession, SessionConfig
+from takeover_console.session import LiveSession, ReplaySession, SessionConfig, SessionError
 
 PACKAGE = Path(__file__).parent.parent / "src" / "takeover_console"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -30,6 +31,15 @@ async def wait_until(predicate, pilot, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await pilot.pause(0.05)
+
+
+def press_together(app: TakeoverApp, *keys: str) -> None:
+    """Queue key presses with no wait between them, as a terminal delivers keys typed quickly.
+
+    Pilot.press() waits for the app to go idle after each key, which hides races between keys.
+    """
+    for key in keys:
+        app.post_message(events.Key(key, key if len(key) == 1 else None))
 
 
 def live_app(workdir: Path, rate: float = 20.0) -> TakeoverApp:
@@ -235,3 +245,80 @@ def test_forwarder_restarts_after_takeover_and_kill(workdir):
         return state
 
     assert asyncio.run(scenario()) == "running"
+
+
+def test_quick_kill_then_start_ends_up(workdir):
+    """f right after k applies before the kill is reaped, and k f k leaves no forwarder."""
+
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            session = app.session
+            await wait_until(lambda: app.model.counters.by_forwarder >= 3, pilot)
+            first = session.supervisor.workers["forwarder"].pid
+            app.action_kill_forwarder()
+            start_offered = app.check_action("start_forwarder", ())
+            app.action_start_forwarder()
+            kill_offered = app.check_action("kill_forwarder", ())
+            await wait_until(lambda: session.forwarder_running() and session.supervisor.workers["forwarder"].pid != first and not session.forwarder_changing, pilot)
+            app.action_kill_forwarder()
+            app.action_start_forwarder()
+            app.action_kill_forwarder()
+            await wait_until(lambda: not session.forwarder_running() and not session.forwarder_changing, pilot)
+            await pilot.press("q")
+        return start_offered, kill_offered
+
+    start_offered, kill_offered = asyncio.run(scenario())
+    assert start_offered is True
+    assert kill_offered is True
+
+
+def test_two_upgrade_keys_start_one_generation(workdir):
+    """A second upgrade asked for before the first is ready is refused; one new generation runs."""
+
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            session = app.session
+            await wait_until(lambda: app.model.counters.by_forwarder >= 3, pilot)
+            app.action_upgrade_server()
+            key_offered = app.check_action("upgrade_server", ())
+            try:
+                await session.upgrade_server()
+            except SessionError as exc:
+                refused = str(exc)
+            await wait_until(lambda: session.server_name == "server-2" and session.upgrading is None, pilot)
+            answered = app.model.counters.by_forwarder
+            await wait_until(lambda: app.model.counters.by_forwarder >= answered + 3, pilot)
+            names = sorted(name for name in session.supervisor.workers if name.startswith("server"))
+            state = app.model.processes["server-2"].state
+            await pilot.press("q")
+        return key_offered, refused, names, state
+
+    key_offered, refused, names, state = asyncio.run(scenario())
+    assert key_offered is False
+    assert "server-2 is still taking over" in refused
+    assert names == ["server", "server-2"]
+    assert state == "running"
+
+
+def test_quick_pause_presses_end_paused(workdir):
+    """With the client paused, c pressed twice at once ends paused, as the last press asked."""
+
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            session = app.session
+            await wait_until(lambda: app.model.counters.by_forwarder >= 3, pilot)
+            await pilot.press("c")
+            await wait_until(lambda: not session._client_lock.locked() and not session._running("client"), pilot)
+            press_together(app, "c", "c")
+            await wait_until(lambda: not session._client_lock.locked(), pilot)
+            await pilot.pause(0.2)
+            await wait_until(lambda: not session._client_lock.locked(), pilot)
+            paused = session.client_paused
+            running = session._running("client")
+            await pilot.press("q")
+        return paused, running
+
+    assert asyncio.run(scenario()) == (True, False)

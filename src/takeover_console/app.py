@@ -192,14 +192,16 @@ class TakeoverApp(App):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in LIVE_ACTIONS and not self.session.live:
             return False
+        # The forwarder keys follow what was last asked for, not only the process, so a key
+        # pressed right after another still applies (k then f before the kill is reaped).
         if action == "start_forwarder":
-            return not self._forwarder_running()
+            return not self.session.forwarder_wanted or not self._forwarder_running()
         if action in ("kill_forwarder", "stop_forwarder"):
-            return self._forwarder_running()
+            return self.session.forwarder_wanted and (self._forwarder_running() or self.session.forwarder_changing)
         if action in ("upgrade_server", "failed_upgrade"):
             return self.session.upgrading is None and self.session.server_running()
         if action == "restart_forwarder":
-            return self.session.upgrading is None and self._forwarder_running()
+            return self.session.upgrading is None and self.session.forwarder_wanted and self._forwarder_running()
         if action == "pause_client":
             return not self.session.client_paused
         if action == "resume_client":
@@ -223,23 +225,27 @@ class TakeoverApp(App):
         self.run_worker(work, name=description, group="control", exit_on_error=False)
 
     def action_kill_forwarder(self) -> None:
-        if self.session.kill_forwarder():
-            self.notify("forwarder killed with SIGKILL: new connections fall back to the server")
+        self.session.kill_forwarder()
+        self.notify("forwarder killed with SIGKILL: new connections fall back to the server")
         self.refresh_bindings()
 
     def action_stop_forwarder(self) -> None:
         self._control(self.session.stop_forwarder(), "stop forwarder")
         self.notify("forwarder asked to stop (SIGTERM): it drains, then exits")
+        self.refresh_bindings()
 
     def action_start_forwarder(self) -> None:
         self._control(self.session.start_forwarder(), "start forwarder")
         self.notify("starting the forwarder: handoffs resume once the channel is up")
+        self.refresh_bindings()
 
     def action_pause_client(self) -> None:
         self._control(self.session.pause_client(), "pause client")
+        self.refresh_bindings()
 
     def action_resume_client(self) -> None:
         self._control(self.session.resume_client(), "resume client")
+        self.refresh_bindings()
 
     def action_faster(self) -> None:
         self._change_rate(+1)

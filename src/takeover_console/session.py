@@ -86,6 +86,11 @@ class LiveSession:
         self.upgrading: str | None = None
         # Client restarts run one at a time, so quick key presses never start two clients.
         self._client_lock = asyncio.Lock()
+        # Whether the user wants the forwarder up. Keys change it at once; the starts and
+        # stops they cause run one at a time, each doing what the latest key wants, so a
+        # quick "k f" ends with a forwarder and "f k" without one.
+        self.forwarder_wanted = True
+        self._forwarder_lock = asyncio.Lock()
         self._channel_up = asyncio.Event()
         self.server_address: str | None = None
 
@@ -208,8 +213,8 @@ class LiveSession:
             client.args += ["--hold", f"{SLOW_MOTION_HOLD:g}"]
         # SIGTERM lets the client finish the requests it has in flight.
         await self.supervisor.stop(CLIENT, timeout=CLIENT_STOP_TIMEOUT)
-        await self.supervisor.start(CLIENT)
-        self.client_paused = False
+        if not self.client_paused:
+            await self.supervisor.start(CLIENT)
 
     async def close(self) -> None:
         """Stop every worker, the sampler and the recorder, and remove private files."""
@@ -242,20 +247,53 @@ class LiveSession:
         return self._running(self.server_name)
 
     def kill_forwarder(self) -> bool:
-        """SIGKILL the forwarder; False when it was not running."""
+        """SIGKILL the forwarder now; False when it was not running.
+
+        A forwarder that is still being started is stopped as soon as it has started.
+        """
+        self.forwarder_wanted = False
         return self.supervisor.kill(self.forwarder_name)
 
-    async def stop_forwarder(self) -> None:
-        """SIGTERM the forwarder and wait for it to drain and exit."""
-        await self.supervisor.stop(self.forwarder_name)
+    def stop_forwarder(self) -> Coroutine[None, None, None]:
+        """Ask for the forwarder to be down; await the result to SIGTERM it and wait while it drains and exits."""
+        self.forwarder_wanted = False
+        return self._settle_forwarder()
 
-    async def start_forwarder(self) -> None:
-        """Start the forwarder again (no-op while it runs)."""
-        if not self.forwarder_running():
-            worker = self.supervisor.workers[self.forwarder_name]
+    def start_forwarder(self) -> Coroutine[None, None, None]:
+        """Ask for the forwarder to be up; await the result to start it (no-op while it runs).
+
+        A forwarder that is still exiting after a kill or stop is waited for first.
+        """
+        self.forwarder_wanted = True
+        return self._settle_forwarder()
+
+    @property
+    def forwarder_changing(self) -> bool:
+        """True while a start or stop of the forwarder is under way."""
+        return self._forwarder_lock.locked()
+
+    async def _settle_forwarder(self) -> None:
+        """Bring the forwarder to the state last asked for."""
+        async with self._forwarder_lock:
+            name = self.forwarder_name
+            worker = self.supervisor.workers[name]
+            if not self.forwarder_wanted:
+                if self._running(name):
+                    await self.supervisor.stop(name)
+                return
+            if worker.process is not None and worker.process.returncode is None and worker._stop_requested:
+                await self.supervisor.wait_exited(name)  # killed or stopped a moment ago
+            if self._running(name):
+                return
             # A generation started with --takeover binds the socket itself when started again.
             worker.args = [arg for arg in worker.args if arg != "--takeover"]
-            await self._start_and_wait(self.forwarder_name)
+            try:
+                await self._start_and_wait(name)
+            except SessionError:
+                if self.forwarder_wanted:
+                    raise
+            if not self.forwarder_wanted:
+                await self.supervisor.stop(name)  # asked down while it was starting
 
     async def wait_channel_up(self, timeout: float = START_TIMEOUT) -> bool:
         """Wait until the server has a handoff channel to a forwarder."""
@@ -266,15 +304,23 @@ class LiveSession:
             return False
         return True
 
-    async def pause_client(self) -> None:
-        """Stop the client's load; ``resume_client`` starts it again."""
-        async with self._client_lock:
-            self.client_paused = True
-            await self.supervisor.stop(CLIENT, timeout=CLIENT_STOP_TIMEOUT)
+    def pause_client(self) -> Coroutine[None, None, None]:
+        """Mark the client paused now; await the result to stop its load. ``resume_client`` undoes it."""
+        self.client_paused = True
+        return self._settle_client()
 
-    async def resume_client(self) -> None:
-        """Start the client's load again at the current rate."""
-        await self.start_client()
+    def resume_client(self) -> Coroutine[None, None, None]:
+        """Mark the client running now; await the result to start its load at the current rate."""
+        self.client_paused = False
+        return self._settle_client()
+
+    async def _settle_client(self) -> None:
+        """Stop or start the client as the last pause or resume asked, one change at a time."""
+        async with self._client_lock:
+            if self.client_paused:
+                await self.supervisor.stop(CLIENT, timeout=CLIENT_STOP_TIMEOUT)
+            elif not self._running(CLIENT):
+                await self._restart_client()
 
     def set_client_rate(self, rate: float) -> Coroutine[None, None, None]:
         """Set the client's connections per second now; await the result to restart the client.
@@ -296,8 +342,14 @@ class LiveSession:
         if not self.client_paused:
             await self.start_client()
 
-    async def upgrade_server(self, fault: str | None = None) -> None:
-        """Start the next server generation with --takeover; it replaces the current one at READY."""
+    def upgrade_server(self, fault: str | None = None) -> Coroutine[None, None, None]:
+        """Add the next server generation now; await the result to start it with --takeover.
+
+        It replaces the current generation at READY. While another upgrade or forwarder
+        restart is under way, the result raises SessionError instead.
+        """
+        if self.upgrading is not None:
+            return self._refuse(f"{self.upgrading} is still taking over; wait until it is ready or has failed")
         current = self.supervisor.workers[self.server_name]
         generation = current.generation + 1
         name = f"{SERVER}-{generation}"
@@ -305,18 +357,28 @@ class LiveSession:
         if fault:
             args += ["--inject-fault", fault]
         self.supervisor.add(name, SERVER, args, generation=generation)
-        await self._start_successor(name)
+        self.upgrading = name
+        return self._start_successor(name)
 
-    async def restart_forwarder(self) -> None:
-        """Start the next forwarder generation with --takeover; it replaces the current one at READY."""
+    def restart_forwarder(self) -> Coroutine[None, None, None]:
+        """Add the next forwarder generation now; await the result to start it with --takeover.
+
+        It replaces the current generation at READY. While another upgrade or forwarder
+        restart is under way, the result raises SessionError instead.
+        """
+        if self.upgrading is not None:
+            return self._refuse(f"{self.upgrading} is still taking over; wait until it is ready or has failed")
         current = self.supervisor.workers[self.forwarder_name]
         generation = current.generation + 1
         name = f"{FORWARDER}-{generation}"
         self.supervisor.add(name, FORWARDER, ["--takeover", "--handoff", str(self.handoff)], generation=generation)
-        await self._start_successor(name)
+        self.upgrading = name
+        return self._start_successor(name)
+
+    async def _refuse(self, reason: str) -> None:
+        raise SessionError(reason)
 
     async def _start_successor(self, name: str) -> None:
-        self.upgrading = name
         try:
             await self.supervisor.start(name)
             await self.supervisor.wait_exited_or_ready(name)
