@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from takeover_console.events import EventLog
 from takeover_console.lifecycle import exit_with_parent
 from takeover_console.logs import setup_logging
 from takeover_console.netaddr import AddressError, parse_host_port
+from takeover_console.options import OptionError
 from takeover_console.socketfile import SocketFileError, check_socket_path, default_handoff_path
 from takeover_console.takeover import TakeoverError
 
@@ -23,21 +25,25 @@ log = logging.getLogger("takeover_console")
 DEFAULT_ADDRESS = "127.0.0.1:8080"
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    value = _finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
     return value
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return run_console(args)
-        except (AddressError, SocketFileError) as exc:
+        except (AddressError, SocketFileError, OptionError) as exc:
             print(f"takeover-console: error: {exc}", file=sys.stderr)
             return 1
     setup_logging(args.log_level)
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             from takeover_console.console import run_replay
 
             return run_replay(args)
-    except (AddressError, SocketFileError, TakeoverError) as exc:
+    except (AddressError, SocketFileError, TakeoverError, OptionError) as exc:
         print(f"takeover-console {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

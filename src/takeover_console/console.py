@@ -10,6 +10,7 @@ from pathlib import Path
 
 from takeover_console.netaddr import AddressError, open_tcp_listener, parse_host_port
 from takeover_console.observations import RecordingError, read_recording
+from takeover_console.options import check_output_file, check_socket_directory
 from takeover_console.session import LiveSession, ReplaySession, SessionConfig
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ def _log_to_file(path: str | None) -> None:
 def run_console(args: argparse.Namespace) -> int:
     """Run the live console; return the exit status."""
     check_listen_address(args.listen)
+    if args.handoff:
+        check_socket_directory(Path(args.handoff), "--handoff")
+    if args.record:
+        check_output_file(Path(args.record), "--record")
+    if args.log_file:
+        check_output_file(Path(args.log_file), "--log-file")
     _log_to_file(args.log_file)
     config = SessionConfig(
         listen=args.listen,
@@ -85,7 +92,7 @@ async def _replay_headless(path: Path, until: float | None) -> int:
     # Headless replay folds the whole file at once; --speed only paces the console.
     session = ReplaySession(path, speed=0, until=until)
     await session.start()
-    print(f"replayed {session.count} observations from {path}")
+    print(f"replayed {session.count} observation{'' if session.count == 1 else 's'} from {path}")
     print_summary(session)
     return 0
 

@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from takeover_console.options import check_output_file
 from takeover_console.session import FORWARDER, LiveSession, SessionConfig
 
 
@@ -93,6 +94,8 @@ def _ms(value: float | None) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Entry point of ``takeover-console demo``: the script in the console, or printed with --headless."""
+    if getattr(args, "record", None):
+        check_output_file(Path(args.record), "--record")
     config = SessionConfig(
         listen="127.0.0.1:0",
         client_rate=args.rate,

@@ -100,7 +100,8 @@ def read_recording(path: Path) -> Iterator[dict]:
     header raises RecordingError naming the line.
     """
     try:
-        stream = open(path, encoding="utf-8")
+        # Bytes that are not UTF-8 become U+FFFD: such a line is then not JSON, and skipped.
+        stream = open(path, encoding="utf-8", errors="replace")
     except OSError as exc:
         raise RecordingError(f"cannot open recording {path}: {exc.strerror}") from None
     with stream:
@@ -110,7 +111,8 @@ def read_recording(path: Path) -> Iterator[dict]:
         except json.JSONDecodeError:
             header = None
         if not isinstance(header, dict) or header.get("format") != RECORDING_HEADER["format"]:
-            raise RecordingError(f"{path} is not a takeover-console recording: its first line is {first[:80]!r}")
+            # The line itself is not shown: the file may be anything, such as a file of secrets.
+            raise RecordingError(f"{path} is not a takeover-console recording: its first line is not the recording header; pass a file written with --record")
         if header.get("version") != RECORDING_HEADER["version"]:
             raise RecordingError(f"{path} is recording version {header.get('version')}, this program reads version {RECORDING_HEADER['version']}")
         for line in stream:
