@@ -248,7 +248,7 @@ def test_forwarder_restarts_after_takeover_and_kill(workdir):
 
 
 def test_quick_kill_then_start_ends_up(workdir):
-    """f right after k applies before the kill is reaped, and k f k leaves no forwarder."""
+    """f right after k applies before the kill is reaped; k f k, and f k from down, leave no forwarder."""
 
     async def scenario():
         app = live_app(workdir)
@@ -265,12 +265,15 @@ def test_quick_kill_then_start_ends_up(workdir):
             app.action_start_forwarder()
             app.action_kill_forwarder()
             await wait_until(lambda: not session.forwarder_running() and not session.forwarder_changing, pilot)
+            app.action_start_forwarder()
+            kill_offered_while_down = app.check_action("kill_forwarder", ())
+            app.action_kill_forwarder()
+            await wait_until(lambda: not session.forwarder_changing, pilot)
+            down = not session.forwarder_running()
             await pilot.press("q")
-        return start_offered, kill_offered
+        return start_offered, kill_offered, kill_offered_while_down, down
 
-    start_offered, kill_offered = asyncio.run(scenario())
-    assert start_offered is True
-    assert kill_offered is True
+    assert asyncio.run(scenario()) == (True, True, True, True)
 
 
 def test_two_upgrade_keys_start_one_generation(workdir):
@@ -311,14 +314,59 @@ def test_quick_pause_presses_end_paused(workdir):
             session = app.session
             await wait_until(lambda: app.model.counters.by_forwarder >= 3, pilot)
             await pilot.press("c")
-            await wait_until(lambda: not session._client_lock.locked() and not session._running("client"), pilot)
+            await wait_until(lambda: not session.client_changing and not session.client_running(), pilot)
             press_together(app, "c", "c")
-            await wait_until(lambda: not session._client_lock.locked(), pilot)
-            await pilot.pause(0.2)
-            await wait_until(lambda: not session._client_lock.locked(), pilot)
+            await wait_until(lambda: not session.client_changing, pilot)
             paused = session.client_paused
-            running = session._running("client")
+            running = session.client_running()
             await pilot.press("q")
         return paused, running
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
+def test_server_started_again_after_kill(workdir):
+    """After the server is killed, the status says so, n is offered and starts a server that answers."""
+
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            session = app.session
+            await wait_until(lambda: app.model.counters.by_forwarder >= 3, pilot)
+            first = session.supervisor.workers["server"].pid
+            session.supervisor.kill("server")
+            await wait_until(lambda: not session.server_running() and app.check_action("start_server", ()), pilot)
+            await pilot.pause(0.3)
+            status = str(app.screen_stack[0].query_one("#status").render())
+            upgrade_offered = app.check_action("upgrade_server", ())
+            await pilot.press("n")
+            await wait_until(lambda: session.server_running() and session.supervisor.workers["server"].pid != first, pilot)
+            answered = app.model.counters.by_forwarder + app.model.counters.by_server
+            await wait_until(lambda: app.model.counters.by_forwarder + app.model.counters.by_server >= answered + 3, pilot)
+            await pilot.press("q")
+        return status, upgrade_offered
+
+    status, upgrade_offered = asyncio.run(scenario())
+    assert "server down" in status
+    assert upgrade_offered is False
+
+
+def test_client_started_again_after_kill(workdir):
+    """After the client is killed, c starts a new one rather than pausing a client that is gone."""
+
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            session = app.session
+            await wait_until(lambda: app.model.counters.by_forwarder >= 3, pilot)
+            first = session.supervisor.workers["client"].pid
+            session.supervisor.kill("client")
+            await wait_until(lambda: not session.client_running(), pilot)
+            offered = app.check_action("resume_client", ())
+            await pilot.press("c")
+            await wait_until(lambda: session.client_running() and session.supervisor.workers["client"].pid != first, pilot)
+            paused = session.client_paused
+            await pilot.press("q")
+        return offered, paused
 
     assert asyncio.run(scenario()) == (True, False)

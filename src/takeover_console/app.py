@@ -44,6 +44,7 @@ TAB_PANES = {
 LIVE_ACTIONS = {
     "start_forwarder", "kill_forwarder", "stop_forwarder", "pause_client", "resume_client",
     "faster", "slower", "slow_motion", "upgrade_server", "restart_forwarder", "failed_upgrade",
+    "start_server",
 }
 
 
@@ -64,6 +65,7 @@ class TakeoverApp(App):
         Binding("u", "upgrade_server", "Upgrade server"),
         Binding("r", "restart_forwarder", "Restart forwarder"),
         Binding("x", "failed_upgrade", "Failing upgrade"),
+        Binding("n", "start_server", "Start server"),
         Binding("d", "client_fds", "Client fds"),
         Binding("p", "freeze", "Freeze"),
         Binding("question_mark", "help", "Help", key_display="?"),
@@ -82,7 +84,7 @@ class TakeoverApp(App):
         self.frozen = False
         self._quitting = False
         self._seen_version = -1
-        self._forwarder_was_running: bool | None = None
+        self._workers_seen: tuple | None = None
 
     @property
     def model(self):
@@ -160,21 +162,44 @@ class TakeoverApp(App):
             # The app is starting or closing.
             return
         self._update_status()
-        running = self._forwarder_running()
-        if running != self._forwarder_was_running:
-            self._forwarder_was_running = running
+        # The keys on offer depend on which workers run; a worker may die at any time.
+        workers = self._worker_states()
+        if workers != self._workers_seen:
+            self._workers_seen = workers
             self.refresh_bindings()
+
+    def _client_lost(self) -> bool:
+        """True when the client should run but its process is gone."""
+        session = self.session
+        return not session.client_paused and session.server_address is not None and not session.client_running() and not session.client_changing
+
+    def _worker_states(self) -> tuple:
+        if not self.session.live:
+            return ()
+        session = self.session
+        return (session.forwarder_running(), session.server_running(), session.client_running(), session.upgrading)
 
     def _update_status(self) -> None:
         status = Text()
         if self.session.live:
             status.append(" LIVE ", style="bold white on dark_green")
-            address = getattr(self.session, "server_address", None) or "starting"
-            status.append(f"  server {address}")
+            address = self.session.server_address
+            status.append("  server ")
+            if address is None:
+                status.append("starting")
+            elif self.session.server_running():
+                status.append(address)
+            else:
+                status.append("down (n starts one)", style="bold red")
             status.append("  forwarder ")
             status.append("up" if self._forwarder_running() else "down", style="bold green" if self._forwarder_running() else "bold red")
-            client = "paused" if self.session.client_paused else f"{self.session.client_rate:g}/s"
-            status.append(f"  client {client}")
+            status.append("  client ")
+            if self.session.client_paused:
+                status.append("paused")
+            elif self.session.client_running() or address is None:
+                status.append(f"{self.session.client_rate:g}/s")
+            else:
+                status.append("down (c starts it)", style="bold red")
         else:
             status.append(" REPLAY ", style="bold white on dark_blue")
             status.append(f"  {self.session.path.name}")
@@ -200,12 +225,15 @@ class TakeoverApp(App):
             return self.session.forwarder_wanted and (self._forwarder_running() or self.session.forwarder_changing)
         if action in ("upgrade_server", "failed_upgrade"):
             return self.session.upgrading is None and self.session.server_running()
+        if action == "start_server":
+            return self.session.upgrading is None and self.session.server_address is not None and not self.session.server_running()
         if action == "restart_forwarder":
             return self.session.upgrading is None and self.session.forwarder_wanted and self._forwarder_running()
+        # c resumes a paused client, and starts one that died, as well as pausing a running one.
         if action == "pause_client":
-            return not self.session.client_paused
+            return not self.session.client_paused and not self._client_lost()
         if action == "resume_client":
-            return self.session.client_paused
+            return self.session.client_paused or self._client_lost()
         if action in ("previous_tab", "next_tab"):
             # Elsewhere the arrows go on to the focused widget, such as a table to scroll.
             # Not while the help screen is on top.
@@ -269,6 +297,10 @@ class TakeoverApp(App):
         self._control(self.session.upgrade_server("crash-before-ready"), "failing upgrade")
         self.notify("upgrading with a new generation that crashes before READY: watch the rollback")
         self.refresh_bindings()
+
+    def action_start_server(self) -> None:
+        self._control(self.session.start_server(), "start server")
+        self.notify("starting a new server: it binds the listening address again")
 
     def action_restart_forwarder(self) -> None:
         self._control(self.session.restart_forwarder(), "restart forwarder")

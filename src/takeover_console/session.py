@@ -91,6 +91,10 @@ class LiveSession:
         # quick "k f" ends with a forwarder and "f k" without one.
         self.forwarder_wanted = True
         self._forwarder_lock = asyncio.Lock()
+        # Requests made and not yet carried out; counted from the moment they are made,
+        # before their coroutine first runs.
+        self._forwarder_requests = 0
+        self._client_requests = 0
         self._channel_up = asyncio.Event()
         self.server_address: str | None = None
 
@@ -257,6 +261,7 @@ class LiveSession:
     def stop_forwarder(self) -> Coroutine[None, None, None]:
         """Ask for the forwarder to be down; await the result to SIGTERM it and wait while it drains and exits."""
         self.forwarder_wanted = False
+        self._forwarder_requests += 1
         return self._settle_forwarder()
 
     def start_forwarder(self) -> Coroutine[None, None, None]:
@@ -265,15 +270,27 @@ class LiveSession:
         A forwarder that is still exiting after a kill or stop is waited for first.
         """
         self.forwarder_wanted = True
+        self._forwarder_requests += 1
         return self._settle_forwarder()
 
     @property
     def forwarder_changing(self) -> bool:
-        """True while a start or stop of the forwarder is under way."""
-        return self._forwarder_lock.locked()
+        """True from a request to start or stop the forwarder until it is carried out."""
+        return self._forwarder_requests > 0
+
+    @property
+    def client_changing(self) -> bool:
+        """True from a request to pause or resume the client until it is carried out."""
+        return self._client_requests > 0
 
     async def _settle_forwarder(self) -> None:
         """Bring the forwarder to the state last asked for."""
+        try:
+            await self._settle_forwarder_now()
+        finally:
+            self._forwarder_requests -= 1
+
+    async def _settle_forwarder_now(self) -> None:
         async with self._forwarder_lock:
             name = self.forwarder_name
             worker = self.supervisor.workers[name]
@@ -307,20 +324,25 @@ class LiveSession:
     def pause_client(self) -> Coroutine[None, None, None]:
         """Mark the client paused now; await the result to stop its load. ``resume_client`` undoes it."""
         self.client_paused = True
+        self._client_requests += 1
         return self._settle_client()
 
     def resume_client(self) -> Coroutine[None, None, None]:
         """Mark the client running now; await the result to start its load at the current rate."""
         self.client_paused = False
+        self._client_requests += 1
         return self._settle_client()
 
     async def _settle_client(self) -> None:
         """Stop or start the client as the last pause or resume asked, one change at a time."""
-        async with self._client_lock:
-            if self.client_paused:
-                await self.supervisor.stop(CLIENT, timeout=CLIENT_STOP_TIMEOUT)
-            elif not self._running(CLIENT):
-                await self._restart_client()
+        try:
+            async with self._client_lock:
+                if self.client_paused:
+                    await self.supervisor.stop(CLIENT, timeout=CLIENT_STOP_TIMEOUT)
+                elif not self._running(CLIENT):
+                    await self._restart_client()
+        finally:
+            self._client_requests -= 1
 
     def set_client_rate(self, rate: float) -> Coroutine[None, None, None]:
         """Set the client's connections per second now; await the result to restart the client.
@@ -341,6 +363,22 @@ class LiveSession:
         self.supervisor.signal(self.server_name, signal.SIGUSR1 if on else signal.SIGUSR2)
         if not self.client_paused:
             await self.start_client()
+
+    def client_running(self) -> bool:
+        """True while a client process is alive."""
+        return CLIENT in self.supervisor.workers and self._running(CLIENT)
+
+    async def start_server(self) -> None:
+        """Start the current server generation again, binding the address itself, when no server runs.
+
+        This is the way back after the server was killed or crashed: the client's requests
+        fail until a server listens again.
+        """
+        if self.server_running() or self.upgrading is not None:
+            return
+        worker = self.supervisor.workers[self.server_name]
+        worker.args = self._server_args(["--listen", self.server_address or self.config.listen])
+        await self._start_and_wait(self.server_name)
 
     def upgrade_server(self, fault: str | None = None) -> Coroutine[None, None, None]:
         """Add the next server generation now; await the result to start it with --takeover.

@@ -39,16 +39,20 @@ failures, latency and the number of sockets seen in two processes at once.
 | `f` | start the forwarder |
 | `k` | kill the forwarder (SIGKILL) |
 | `t` | stop the forwarder gracefully (SIGTERM) |
-| `c` | pause or resume the client |
+| `c` | pause or resume the client, or start it again after it died |
 | `+` / `-` | client rate up / down |
 | `s` | slow motion: sockets stay visible in both fd tables |
 | `u` | upgrade the server: a new generation takes over the listening socket |
 | `x` | an upgrade whose new generation crashes before READY: watch the rollback |
+| `n` | start a new server when none runs (after a kill or a crash) |
 | `r` | restart the forwarder: a new one takes over the handoff socket |
 | `d` | show or hide the client's fd table |
 | `p` | freeze or unfreeze the display |
 | `?` | this help |
 | `q` | quit: every worker is stopped, socket files removed |
+
+Tab moves the focus to a table, which then scrolls with the arrow keys, PageUp/PageDown
+and Home/End. Below 120x34 the panes become tabs; left and right switch them.
 
 Press `escape` or `?` to close.
 """
