@@ -424,6 +424,23 @@ def test_exited_pid_marked_gone(children):
     assert process.rows == ()
 
 
+def test_stopped_process_status(children):
+    """A process stopped by SIGSTOP is sampled as stopped, and as not stopped after SIGCONT."""
+    child = children.start("import sys; print('ready', flush=True); sys.stdin.read()")
+    read_line(child)
+    sampler = FdSampler()
+    before = sampler.sample([child.pid]).processes[child.pid].status
+    os.kill(child.pid, signal.SIGSTOP)
+    os.waitid(os.P_PID, child.pid, os.WSTOPPED | os.WNOWAIT)
+    stopped = sampler.sample([child.pid]).processes[child.pid].status
+    os.kill(child.pid, signal.SIGCONT)
+    os.waitid(os.P_PID, child.pid, os.WCONTINUED)
+    after = sampler.sample([child.pid]).processes[child.pid].status
+    assert before != "stopped"
+    assert stopped == "stopped"
+    assert after != "stopped"
+
+
 def test_zombie_pid_marked_gone(children):
     child = children.start("pass")
     # Wait for the exit without reaping, so the pid stays a zombie while it is sampled.

@@ -98,3 +98,18 @@ def test_fd_tables_keep_role_order():
             return [view.worker_name for view in pane.query(FdTableView)]
 
     assert asyncio.run(scenario()) == ["server", "forwarder"]
+
+
+def test_stopped_process_shown_stopped():
+    """A running worker whose last sample says stopped shows as stopped by SIGSTOP."""
+    sample = Sample(mono=2.0, processes={200: ProcessSample(pid=200, label="forwarder", status="stopped")})
+    model = fold([worker("forwarder", 200, "started", 1.0), worker("forwarder", 200, "running", 1.1), sample_observation(sample.to_dict())])
+
+    async def scenario() -> str:
+        pane = ProcessesPane()
+        async with PaneApp(pane, model).run_test() as pilot:
+            pane.refresh_from(model)
+            await pilot.pause()
+            return pane.query_one(RowTable).row_text("forwarder")[3]
+
+    assert asyncio.run(scenario()) == "stopped (SIGSTOP)"

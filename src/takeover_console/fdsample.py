@@ -108,7 +108,8 @@ class ProcessSample:
     ``error`` gives the reason when figures or rows are missing. ``cpu_percent`` is
     None on the first sample of a process, because psutil measures it between two
     calls. ``num_fds`` counts the entries of /proc/PID/fd, including fds that closed
-    before they were read.
+    before they were read. ``status`` is psutil's word for the process state, such as
+    ``sleeping``, ``running`` or ``stopped`` (by SIGSTOP).
     """
 
     pid: int
@@ -121,6 +122,7 @@ class ProcessSample:
     rss: int | None = None
     num_fds: int | None = None
     rows: tuple[FdRow, ...] = ()
+    status: str | None = None
 
     def to_dict(self) -> dict:
         """Return a JSON-compatible dict; rows become a list of row dicts."""
@@ -134,6 +136,7 @@ class ProcessSample:
             "cpu_percent": self.cpu_percent,
             "rss": self.rss,
             "num_fds": self.num_fds,
+            "status": self.status,
         }
         data["rows"] = [row.to_dict() for row in self.rows]
         return data
@@ -160,6 +163,7 @@ _PROCESS_TYPES = {
     "cpu_percent": (float, int, _NONE),
     "rss": (int, _NONE),
     "num_fds": (int, _NONE),
+    "status": (str, _NONE),
 }
 
 

@@ -363,7 +363,8 @@ class FdSampler:
             first = True
         try:
             with process.oneshot():
-                if process.status() == psutil.STATUS_ZOMBIE:
+                status = process.status()
+                if status == psutil.STATUS_ZOMBIE:
                     return {"gone": True, "error": "exited (zombie)", "name": process.name()}
                 cpu = process.cpu_percent(None)
                 cmdline = self._cmdlines.get(pid)
@@ -376,6 +377,7 @@ class FdSampler:
                     "cmdline": cmdline,
                     "cpu_percent": None if first else cpu,
                     "rss": process.memory_info().rss,
+                    "status": status,
                 }
         except psutil.ZombieProcess:
             return {"gone": True, "error": "exited (zombie)"}

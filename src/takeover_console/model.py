@@ -42,6 +42,8 @@ class ProcessView:
     rss: int | None = None
     fds: int | None = None
     answered: int = 0
+    # psutil's process status from the last sample: "stopped" after SIGSTOP.
+    status: str | None = None
 
 
 @dataclass
@@ -171,7 +173,7 @@ class SessionModel:
             view.generation = observation.get("gen") or view.generation
             view.started_t = t
             view.exited_t = None
-            view.cpu_percent = view.rss = view.fds = None
+            view.cpu_percent = view.rss = view.fds = view.status = None
             if view.pid is not None:
                 self._names_by_pid[view.pid] = view.name
         elif state == "exited":
@@ -367,6 +369,7 @@ class SessionModel:
             view.cpu_percent = process.cpu_percent
             view.rss = process.rss
             view.fds = process.num_fds
+            view.status = process.status
         self.shared_now = sum(1 for holders in sample.shared.values() if len({pid for pid, _ in holders}) > 1)
         self.shared_peak = max(self.shared_peak, self.shared_now)
 

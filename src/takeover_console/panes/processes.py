@@ -47,11 +47,14 @@ class ProcessesPane(Vertical):
             alive = view.state not in ("exited", "idle")
             uptime = model.now - view.started_t if alive and view.started_t is not None else None
             state = view.state if view.state != "exited" else _exit_words(view.detail)
+            state_style = STATE_STYLES.get(view.state, "")
+            if alive and view.status == "stopped":
+                state, state_style = "stopped (SIGSTOP)", "bold yellow"
             rows[name] = (
                 role_text(view.role) if name == view.role else Text(name, style=ROLE_STYLES.get(view.role, "")),
                 str(view.pid or "-"),
                 str(view.generation),
-                Text(state, style=STATE_STYLES.get(view.state, "")),
+                Text(state, style=state_style),
                 duration(uptime),
                 percent(view.cpu_percent) if alive else "-",
                 size(view.rss) if alive else "-",
