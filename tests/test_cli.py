@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +67,34 @@ def test_recording_with_noise_replays(workdir):
     result = run_cli("replay", str(path), "--headless")
     assert result.returncode == 0, result.stderr
     assert "replayed 1 observation from" in result.stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_leaves_no_session_directory(workdir, signum):
+    """The headless demo stopped by SIGTERM or SIGHUP removes its session directory on the way out."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(workdir)}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "takeover_console", "demo", "--headless", "--duration", "60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        # The first line appears once the three workers run.
+        ready, _, _ = select.select([demo.stdout], [], [], TIMEOUT)
+        assert ready, "the demo printed nothing"
+        assert demo.stdout.readline().startswith("server ")
+        sessions = list((workdir / "takeover-console").glob("session-*"))
+        assert len(sessions) == 1
+        demo.send_signal(signum)
+        demo.wait(timeout=TIMEOUT)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        demo.stdout.close()
+        demo.stderr.close()
+    assert demo.returncode == 1
+    assert not sessions[0].exists()

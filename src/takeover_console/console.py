@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from takeover_console.lifecycle import on_stop_signals
 from takeover_console.netaddr import AddressError, open_tcp_listener, parse_host_port
 from takeover_console.observations import RecordingError, read_recording
 from takeover_console.options import check_output_file, check_socket_directory
@@ -64,6 +65,9 @@ async def _run_app(session, script=None) -> int:
     from takeover_console.app import TakeoverApp
 
     app = TakeoverApp(session, script=script)
+    # Without this, SIGTERM and SIGHUP would end the process at once: the workers would
+    # still go (PR_SET_PDEATHSIG), but the session's directory would stay behind.
+    on_stop_signals(lambda signum: app.exit(return_code=128 + signum))
     try:
         await app.run_async()
     finally:

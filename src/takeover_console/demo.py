@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from takeover_console.lifecycle import on_stop_signals
 from takeover_console.options import check_output_file
 from takeover_console.session import FORWARDER, LiveSession, SessionConfig
 
@@ -46,6 +47,9 @@ async def run_headless(config: SessionConfig, duration: float, out=sys.stdout) -
         print_new_log_lines()
         print(f"-- {text}", file=out)
 
+    # SIGTERM or SIGHUP cancels the demo, so that the session below is closed and cleaned up.
+    task = asyncio.current_task()
+    on_stop_signals(lambda signum: task.cancel())
     try:
         await session.start()
         print(f"server {session.server_address}, forwarder on {session.handoff}, client at {config.client_rate:g} connections/s", file=out)
@@ -105,6 +109,10 @@ def run_demo(args: argparse.Namespace) -> int:
         from takeover_console.console import run_scripted_console
 
         return run_scripted_console(config, args.duration)
-    session = asyncio.run(run_headless(config, args.duration))
+    try:
+        session = asyncio.run(run_headless(config, args.duration))
+    except asyncio.CancelledError:
+        print("stopped by a signal before the end", file=sys.stderr)
+        return 1
     print_summary(session)
     return 1 if session.model.counters.failed else 0

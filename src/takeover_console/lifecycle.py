@@ -27,6 +27,17 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, request_stop, signum)
 
 
+def on_stop_signals(callback) -> None:
+    """Call ``callback(signum)`` on the running loop at SIGTERM or SIGHUP.
+
+    SIGINT is left alone: the console reads Ctrl+C as a key, and elsewhere it raises
+    KeyboardInterrupt as usual.
+    """
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, callback, signum)
+
+
 def exit_with_parent(expected_parent: int | None = None) -> bool:
     """Ask the kernel to send SIGTERM to this process when its parent exits (PR_SET_PDEATHSIG).
 
