@@ -203,6 +203,8 @@ class TakeoverApp(App):
         else:
             status.append(" REPLAY ", style="bold white on dark_blue")
             status.append(f"  {self.session.path.name}")
+            if self.session.finished.is_set():
+                status.append("  replay ended", style="bold")
         if self.model.slow_motion:
             status.append("  SLOW MOTION", style="bold yellow")
         if self.frozen:
@@ -286,7 +288,9 @@ class TakeoverApp(App):
         index = min(range(len(RATE_STEPS)), key=lambda i: abs(RATE_STEPS[i] - current))
         rate = RATE_STEPS[max(0, min(len(RATE_STEPS) - 1, index + step))]
         self._control(self.session.set_client_rate(rate), "client rate")
-        self.notify(f"client rate {rate}/s")
+        # One notice for a run of presses, not one per press piling up over the panes.
+        self.clear_notifications()
+        self.notify(f"client rate {rate}/s", timeout=2)
 
     def action_upgrade_server(self) -> None:
         self._control(self.session.upgrade_server(), "upgrade server")
