@@ -54,22 +54,24 @@ class TakeoverApp(App):
     CSS_PATH = "console.tcss"
     TITLE = "takeover-console"
     BINDINGS = [
+        # First, so that a narrow footer still shows them.
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f", "start_forwarder", "Start forwarder"),
         Binding("k", "kill_forwarder", "Kill forwarder"),
-        Binding("t", "stop_forwarder", "Stop forwarder"),
+        # The footer shows the keys of a demo; t, x, d and p are in the help (?) and README.
+        Binding("t", "stop_forwarder", "Stop forwarder", show=False),
         Binding("c", "pause_client", "Pause client"),
         Binding("c", "resume_client", "Resume client"),
-        Binding("plus", "faster", "Rate +", key_display="+"),
-        Binding("minus", "slower", "Rate -", key_display="-"),
+        Binding("plus", "faster", "Rate", key_display="+/-"),
+        Binding("minus", "slower", "Rate down", key_display="-", show=False),
         Binding("s", "slow_motion", "Slow motion"),
         Binding("u", "upgrade_server", "Upgrade server"),
         Binding("r", "restart_forwarder", "Restart forwarder"),
-        Binding("x", "failed_upgrade", "Failing upgrade"),
+        Binding("x", "failed_upgrade", "Failing upgrade", show=False),
         Binding("n", "start_server", "Start server"),
-        Binding("d", "client_fds", "Client fds"),
-        Binding("p", "freeze", "Freeze"),
-        Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("q", "quit", "Quit"),
+        Binding("d", "client_fds", "Client fds", show=False),
+        Binding("p", "freeze", "Freeze", show=False),
         # In the narrow layout the arrows switch tabs even when a table has the focus.
         Binding("left", "previous_tab", "Previous tab", show=False, priority=True),
         Binding("right", "next_tab", "Next tab", show=False, priority=True),
@@ -106,7 +108,8 @@ class TakeoverApp(App):
             yield FdTablesPane(id="fdtables", classes="pane")
             yield ConnectionsPane(id="connections", classes="pane")
             yield EventLogPane(id="events", classes="pane")
-        yield Footer()
+        # Ctrl+P still opens the command palette; its footer item would crowd out keys.
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         if self.session.live:
@@ -245,7 +248,8 @@ class TakeoverApp(App):
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for binding in self.BINDINGS:
-            if binding.action in ("quit", "help") or not binding.show or self.check_action(binding.action, ()) is not True:
+            # Keys left out of the footer (t, x, d, p) are offered here too.
+            if binding.action in ("quit", "help", "previous_tab", "next_tab") or self.check_action(binding.action, ()) is not True:
                 continue
             yield SystemCommand(binding.description, f"key {binding.key_display or binding.key}", lambda action=binding.action: self.run_action(action))
 
