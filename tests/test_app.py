@@ -370,3 +370,46 @@ def test_client_started_again_after_kill(workdir):
         return offered, paused
 
     assert asyncio.run(scenario()) == (True, False)
+
+
+def test_two_start_server_keys_start_one(workdir):
+    """n pressed twice at once after the server died starts one server, and the screen shows it running."""
+
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            session = app.session
+            await wait_until(lambda: app.model.counters.by_forwarder >= 3, pilot)
+            session.supervisor.kill("server")
+            await wait_until(lambda: app.check_action("start_server", ()), pilot)
+            app.action_start_server()
+            offered_again = app.check_action("start_server", ())
+            await wait_until(lambda: session.server_running() and not session.server_changing, pilot)
+            pid = session.supervisor.workers["server"].pid
+            await wait_until(lambda: app.model.processes["server"].pid == pid and app.model.processes["server"].state == "running", pilot)
+            await pilot.press("q")
+        return offered_again
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_rate_presses_give_one_notice(workdir):
+    """Ten quick + presses show one notice with the final rate, once the presses stop."""
+
+    async def scenario():
+        app = live_app(workdir)
+        notices: list[str] = []
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(lambda: app.model.counters.by_forwarder >= 1, pilot)
+            notify = app.notify
+            app.notify = lambda message, **kwargs: (notices.append(message), notify(message, **kwargs))
+            press_together(app, *["plus"] * 10)
+            await wait_until(lambda: notices, pilot)
+            await pilot.pause(0.5)
+            rate = app.session.client_rate
+            shown = list(notices)
+            await pilot.press("q")
+        return shown, rate
+
+    notices, rate = asyncio.run(scenario())
+    assert notices == [f"client rate {rate:g}/s"]

@@ -16,6 +16,7 @@ from textual.binding import Binding
 from textual.containers import Container
 from textual.css.query import NoMatches
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer, Static, Tab, Tabs
 from textual.worker import Worker, WorkerState
 
@@ -41,6 +42,8 @@ TAB_PANES = {
     "tab-connections": ("connections",),
     "tab-events": ("events",),
 }
+# Seconds after the last + or - press before the new rate is shown.
+RATE_NOTICE_DELAY = 0.3
 LIVE_ACTIONS = {
     "start_forwarder", "kill_forwarder", "stop_forwarder", "pause_client", "resume_client",
     "faster", "slower", "slow_motion", "upgrade_server", "restart_forwarder", "failed_upgrade",
@@ -87,6 +90,7 @@ class TakeoverApp(App):
         self._quitting = False
         self._seen_version = -1
         self._workers_seen: tuple | None = None
+        self._rate_notice: Timer | None = None
 
     @property
     def model(self):
@@ -195,7 +199,13 @@ class TakeoverApp(App):
             else:
                 status.append("down (n starts one)", style="bold red")
             status.append("  forwarder ")
-            status.append("up" if self._forwarder_running() else "down", style="bold green" if self._forwarder_running() else "bold red")
+            forwarder = self.model.processes.get(self.session.forwarder_name)
+            if not self._forwarder_running():
+                status.append("down", style="bold red")
+            elif forwarder is not None and forwarder.status == "stopped":
+                status.append("stopped (SIGSTOP)", style="bold yellow")
+            else:
+                status.append("up", style="bold green")
             status.append("  client ")
             if self.session.client_paused:
                 status.append("paused")
@@ -231,7 +241,8 @@ class TakeoverApp(App):
         if action in ("upgrade_server", "failed_upgrade"):
             return self.session.upgrading is None and self.session.server_running()
         if action == "start_server":
-            return self.session.upgrading is None and self.session.server_address is not None and not self.session.server_running()
+            session = self.session
+            return session.upgrading is None and session.server_address is not None and not session.server_running() and not session.server_changing
         if action == "restart_forwarder":
             return self.session.upgrading is None and self.session.forwarder_wanted and self._forwarder_running()
         # c resumes a paused client, and starts one that died, as well as pausing a running one.
@@ -292,9 +303,15 @@ class TakeoverApp(App):
         index = min(range(len(RATE_STEPS)), key=lambda i: abs(RATE_STEPS[i] - current))
         rate = RATE_STEPS[max(0, min(len(RATE_STEPS) - 1, index + step))]
         self._control(self.session.set_client_rate(rate), "client rate")
-        # One notice for a run of presses, not one per press piling up over the panes.
-        self.clear_notifications()
-        self.notify(f"client rate {rate}/s", timeout=2)
+        # One notice for a run of presses, shown once they stop, not one per press piling up
+        # over the panes.
+        if self._rate_notice is not None:
+            self._rate_notice.stop()
+        self._rate_notice = self.set_timer(RATE_NOTICE_DELAY, self._notify_rate)
+
+    def _notify_rate(self) -> None:
+        self._rate_notice = None
+        self.notify(f"client rate {self.session.client_rate:g}/s", timeout=2)
 
     def action_upgrade_server(self) -> None:
         self._control(self.session.upgrade_server(), "upgrade server")

@@ -86,15 +86,17 @@ class LiveSession:
         self.upgrading: str | None = None
         # Client restarts run one at a time, so quick key presses never start two clients.
         self._client_lock = asyncio.Lock()
-        # Whether the user wants the forwarder up. Keys change it at once; the starts and
-        # stops they cause run one at a time, each doing what the latest key wants, so a
-        # quick "k f" ends with a forwarder and "f k" without one.
+        # Whether the user wants the forwarder up. Keys change it at once. The starts and
+        # stops they cause run one at a time, each doing what the latest key wants: a
+        # quick "k f" ends with a forwarder, and "f k" without one.
         self.forwarder_wanted = True
         self._forwarder_lock = asyncio.Lock()
         # Requests made and not yet carried out; counted from the moment they are made,
         # before their coroutine first runs.
         self._forwarder_requests = 0
         self._client_requests = 0
+        self._server_requests = 0
+        self._server_lock = asyncio.Lock()
         self._channel_up = asyncio.Event()
         self.server_address: str | None = None
 
@@ -368,17 +370,31 @@ class LiveSession:
         """True while a client process is alive."""
         return CLIENT in self.supervisor.workers and self._running(CLIENT)
 
-    async def start_server(self) -> None:
-        """Start the current server generation again, binding the address itself, when no server runs.
+    def start_server(self) -> Coroutine[None, None, None]:
+        """Ask for a server now; await the result to start the current generation again when none runs.
 
-        This is the way back after the server was killed or crashed: the client's requests
-        fail until a server listens again.
+        The new process binds the address itself. This is the way back after the server
+        was killed or crashed: the client's requests fail until a server listens again.
+        Requests made while one is carried out add nothing, so a quick "n n" starts one.
         """
-        if self.server_running() or self.upgrading is not None:
-            return
-        worker = self.supervisor.workers[self.server_name]
-        worker.args = self._server_args(["--listen", self.server_address or self.config.listen])
-        await self._start_and_wait(self.server_name)
+        self._server_requests += 1
+        return self._start_server()
+
+    @property
+    def server_changing(self) -> bool:
+        """True from a request to start the server until it is carried out."""
+        return self._server_requests > 0
+
+    async def _start_server(self) -> None:
+        try:
+            async with self._server_lock:
+                if self.server_running() or self.upgrading is not None:
+                    return
+                worker = self.supervisor.workers[self.server_name]
+                worker.args = self._server_args(["--listen", self.server_address or self.config.listen])
+                await self._start_and_wait(self.server_name)
+        finally:
+            self._server_requests -= 1
 
     def upgrade_server(self, fault: str | None = None) -> Coroutine[None, None, None]:
         """Add the next server generation now; await the result to start it with --takeover.
@@ -388,8 +404,7 @@ class LiveSession:
         """
         if self.upgrading is not None:
             return self._refuse(f"{self.upgrading} is still taking over; wait until it is ready or has failed")
-        current = self.supervisor.workers[self.server_name]
-        generation = current.generation + 1
+        generation = self._next_generation(SERVER)
         name = f"{SERVER}-{generation}"
         args = self._server_args(["--takeover", "--listen", self.server_address or self.config.listen])
         if fault:
@@ -406,12 +421,15 @@ class LiveSession:
         """
         if self.upgrading is not None:
             return self._refuse(f"{self.upgrading} is still taking over; wait until it is ready or has failed")
-        current = self.supervisor.workers[self.forwarder_name]
-        generation = current.generation + 1
+        generation = self._next_generation(FORWARDER)
         name = f"{FORWARDER}-{generation}"
         self.supervisor.add(name, FORWARDER, ["--takeover", "--handoff", str(self.handoff)], generation=generation)
         self.upgrading = name
         return self._start_successor(name)
+
+    def _next_generation(self, role: str) -> int:
+        """One more than any generation of ``role`` so far, so a failed one keeps its name."""
+        return max(worker.generation for worker in self.supervisor.workers.values() if worker.role == role) + 1
 
     async def _refuse(self, reason: str) -> None:
         raise SessionError(reason)

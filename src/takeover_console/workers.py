@@ -196,6 +196,8 @@ class Supervisor:
         _live_pids.add(worker.pid)
         worker.returncode = None
         worker._stop_requested = None
+        # The log lines kept are the current process's, so an error quoting them names no other.
+        worker.log_lines.clear()
         worker.started_mono = time.monotonic()
         worker.state = WorkerState.STARTING
         self._on_state(worker, "started")
