@@ -98,3 +98,11 @@ def test_signal_leaves_no_session_directory(workdir, signum):
         demo.stderr.close()
     assert demo.returncode == 1
     assert not sessions[0].exists()
+
+
+def test_console_needs_terminal(workdir):
+    """Without a terminal the console refuses to start and points to the headless demo."""
+    result = run_cli("--listen", "127.0.0.1:0", "--handoff", str(workdir / "h.sock"))
+    assert result.returncode == 1
+    assert "needs a terminal" in result.stderr
+    assert "demo --headless" in result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 from takeover_console.lifecycle import on_stop_signals
 from takeover_console.netaddr import AddressError, open_tcp_listener, parse_host_port
 from takeover_console.observations import RecordingError, read_recording
-from takeover_console.options import check_output_file, check_socket_directory
+from takeover_console.options import OptionError, check_output_file, check_socket_directory
 from takeover_console.session import LiveSession, ReplaySession, SessionConfig
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,16 @@ def _log_to_file(path: str | None) -> None:
     root.setLevel(logging.INFO)
 
 
+def check_terminal() -> None:
+    """Raise OptionError unless stdin and stdout are a terminal, which the console draws on and reads keys from.
+
+    Without one the UI cannot run: with its output into a pipe that closes, it would
+    block and even ignore SIGTERM.
+    """
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise OptionError("the console needs a terminal on stdin and stdout; run it in a terminal, or run `takeover-console demo --headless` for a run without one")
+
+
 def run_console(args: argparse.Namespace) -> int:
     """Run the live console; return the exit status."""
     check_listen_address(args.listen)
@@ -42,6 +52,7 @@ def run_console(args: argparse.Namespace) -> int:
         check_output_file(Path(args.record), "--record")
     if args.log_file:
         check_output_file(Path(args.log_file), "--log-file")
+    check_terminal()
     _log_to_file(args.log_file)
     config = SessionConfig(
         listen=args.listen,
@@ -83,6 +94,7 @@ def run_replay(args: argparse.Namespace) -> int:
         next(iter(read_recording(path)), None)
         if args.headless:
             return asyncio.run(_replay_headless(path, args.until))
+        check_terminal()
         _log_to_file(None)
         return asyncio.run(_run_app(ReplaySession(path, args.speed, until=args.until)))
     except RecordingError as exc:

@@ -106,8 +106,9 @@ def run_demo(args: argparse.Namespace) -> int:
         record=Path(args.record) if getattr(args, "record", None) else None,
     )
     if not args.headless:
-        from takeover_console.console import run_scripted_console
+        from takeover_console.console import check_terminal, run_scripted_console
 
+        check_terminal()
         return run_scripted_console(config, args.duration)
     try:
         session = asyncio.run(run_headless(config, args.duration))

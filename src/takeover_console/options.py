@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 class OptionError(Exception):
-    """An option names a path that cannot be used; the message says why and what to do."""
+    """A check before start-up failed: an option names a path that cannot be used, or there
+    is no terminal for the console. The message says why and what to do."""
 
 
 def check_output_file(path: Path, option: str) -> None:
