@@ -12,6 +12,7 @@ import pytest
 from textual import events
 
 from takeover_console.app import TakeoverApp
+from takeover_console.panes.fdtables import FdTableView
 from takeover_console.session import LiveSession, ReplaySession, SessionConfig, SessionError
 
 PACKAGE = Path(__file__).parent.parent / "src" / "takeover_console"
@@ -413,3 +414,22 @@ def test_rate_presses_give_one_notice(workdir):
 
     notices, rate = asyncio.run(scenario())
     assert notices == [f"client rate {rate:g}/s"]
+
+
+@pytest.mark.parametrize("presses", [2, 3, 4])
+def test_quick_client_table_toggles(workdir, presses):
+    """d pressed several times at once shows or hides the client's fd table without an error."""
+
+    async def scenario():
+        app = live_app(workdir)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(lambda: app.model.counters.by_forwarder >= 1, pilot)
+            press_together(app, *["d"] * presses)
+            await pilot.pause(0.5)
+            shown = [view.worker_name for view in app.query(FdTableView)]
+            await pilot.press("q")
+        return shown, app.return_code
+
+    shown, code = asyncio.run(scenario())
+    assert code == 0
+    assert ("client" in shown) == (presses % 2 == 1)

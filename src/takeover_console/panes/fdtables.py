@@ -53,7 +53,12 @@ class FdTableView(Vertical):
 
     def on_mount(self) -> None:
         # A table mounted for a new process shows its rows at once, not at the next change.
-        self.call_after_refresh(self.refresh_from, self.app.model)
+        self.call_after_refresh(self._first_refresh)
+
+    def _first_refresh(self) -> None:
+        # A quick second "d" can remove the table before this runs.
+        if self.is_attached:
+            self.refresh_from(self.app.model)
 
     def refresh_from(self, model: SessionModel) -> None:
         """Show the worker's fds from the latest sample."""
@@ -152,6 +157,7 @@ class FdTablesPane(Horizontal):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.show_client = False
+        self._mounted = 0  # tables mounted so far, to give each a new id
 
     @property
     def client_shown(self) -> bool:
@@ -165,15 +171,20 @@ class FdTablesPane(Horizontal):
     def refresh_from(self, model: SessionModel) -> None:
         """Mount a table for each process worth showing, drop the others, refresh the rest."""
         wanted = shown_workers(model, self.show_client)
-        views = {view.worker_name: view for view in self.query(FdTableView)}
+        # A table being removed stays in the DOM until its removal completes. It is neither
+        # reused nor removed again, and a new table gets another id.
+        views = {view.worker_name: view for view in self.query(FdTableView) if not view.has_class("removing")}
         for name in [name for name in views if name not in wanted]:
-            views.pop(name).remove()
+            view = views.pop(name)
+            view.add_class("removing")
+            view.remove()
         for position, name in enumerate(wanted):
             view = views.get(name)
             if view is None:
                 # In the order shown_workers() gives, though the forwarder often starts first.
                 following = next((views[later] for later in wanted[position + 1 :] if later in views), None)
-                view = views[name] = FdTableView(name, id=f"fds-{_css_id(name)}")
+                self._mounted += 1
+                view = views[name] = FdTableView(name, id=f"fds-{_css_id(name)}-{self._mounted}")
                 if following is not None:
                     self.mount(view, before=following)
                 else:
