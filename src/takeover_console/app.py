@@ -42,6 +42,9 @@ TAB_PANES = {
     "tab-connections": ("connections",),
     "tab-events": ("events",),
 }
+# Names in the command palette that differ from the footer's, where one footer item stands
+# for two keys.
+PALETTE_NAMES = {"faster": ("Rate up", "+"), "slower": ("Rate down", "-")}
 # Seconds after the last + or - press before the new rate is shown.
 RATE_NOTICE_DELAY = 0.3
 LIVE_ACTIONS = {
@@ -60,6 +63,8 @@ class TakeoverApp(App):
         # First, so that a narrow footer still shows them.
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),
+        # Shown only while no server runs, when it matters most.
+        Binding("n", "start_server", "Start server"),
         Binding("f", "start_forwarder", "Start forwarder"),
         Binding("k", "kill_forwarder", "Kill forwarder"),
         # The footer shows the keys of a demo; t, x, d and p are in the help (?) and README.
@@ -72,7 +77,6 @@ class TakeoverApp(App):
         Binding("u", "upgrade_server", "Upgrade server"),
         Binding("r", "restart_forwarder", "Restart forwarder"),
         Binding("x", "failed_upgrade", "Failing upgrade", show=False),
-        Binding("n", "start_server", "Start server"),
         Binding("d", "client_fds", "Client fds", show=False),
         Binding("p", "freeze", "Freeze", show=False),
         # In the narrow layout the arrows switch tabs even when a table has the focus.
@@ -175,6 +179,11 @@ class TakeoverApp(App):
             self._workers_seen = workers
             self.refresh_bindings()
 
+    def _stopped(self, name: str) -> bool:
+        """True when the last sample found the worker's process stopped by SIGSTOP."""
+        view = self.model.processes.get(name)
+        return view is not None and view.status == "stopped"
+
     def _client_lost(self) -> bool:
         """True when the client should run but its process is gone."""
         session = self.session
@@ -196,13 +205,14 @@ class TakeoverApp(App):
                 status.append("starting")
             elif self.session.server_running():
                 status.append(address)
+                if self._stopped(self.session.server_name):
+                    status.append(" stopped (SIGSTOP)", style="bold yellow")
             else:
                 status.append("down (n starts one)", style="bold red")
             status.append("  forwarder ")
-            forwarder = self.model.processes.get(self.session.forwarder_name)
             if not self._forwarder_running():
                 status.append("down", style="bold red")
-            elif forwarder is not None and forwarder.status == "stopped":
+            elif self._stopped(self.session.forwarder_name):
                 status.append("stopped (SIGSTOP)", style="bold yellow")
             else:
                 status.append("up", style="bold green")
@@ -211,6 +221,8 @@ class TakeoverApp(App):
                 status.append("paused")
             elif self.session.client_running() or address is None:
                 status.append(f"{self.session.client_rate:g}/s")
+                if self._stopped("client"):
+                    status.append(" stopped (SIGSTOP)", style="bold yellow")
             else:
                 status.append("down (c starts it)", style="bold red")
         else:
@@ -262,7 +274,8 @@ class TakeoverApp(App):
             # Keys left out of the footer (t, x, d, p) are offered here too.
             if binding.action in ("quit", "help", "previous_tab", "next_tab") or self.check_action(binding.action, ()) is not True:
                 continue
-            yield SystemCommand(binding.description, f"key {binding.key_display or binding.key}", lambda action=binding.action: self.run_action(action))
+            name, key = PALETTE_NAMES.get(binding.action, (binding.description, binding.key_display or binding.key))
+            yield SystemCommand(name, f"key {key}", lambda action=binding.action: self.run_action(action))
 
     # Actions.
 

@@ -33,14 +33,15 @@ def _log_to_file(path: str | None) -> None:
     root.setLevel(logging.INFO)
 
 
-def check_terminal() -> None:
+def check_terminal(without: str = "takeover-console demo --headless") -> None:
     """Raise OptionError unless stdin and stdout are a terminal, which the console draws on and reads keys from.
 
     Without one the UI cannot run: with its output into a pipe that closes, it would
-    block and even ignore SIGTERM.
+    block and even ignore SIGTERM. ``without`` is the command the message suggests for
+    a run without a terminal.
     """
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise OptionError("the console needs a terminal on stdin and stdout; run it in a terminal, or run `takeover-console demo --headless` for a run without one")
+        raise OptionError(f"the console needs a terminal on stdin and stdout; run it in a terminal, or run `{without}` for a run without one")
 
 
 def run_console(args: argparse.Namespace) -> int:
@@ -94,7 +95,7 @@ def run_replay(args: argparse.Namespace) -> int:
         next(iter(read_recording(path)), None)
         if args.headless:
             return asyncio.run(_replay_headless(path, args.until))
-        check_terminal()
+        check_terminal(without=f"takeover-console replay {args.file} --headless")
         _log_to_file(None)
         return asyncio.run(_run_app(ReplaySession(path, args.speed, until=args.until)))
     except RecordingError as exc:

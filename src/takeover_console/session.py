@@ -170,7 +170,8 @@ class LiveSession:
             waiter = self._listening.get(worker.name)
             if waiter is not None and not waiter.done():
                 lines = "\n".join(list(worker.log_lines)[-5:])
-                waiter.set_exception(SessionError(f"{worker.name} exited before listening ({worker.exit_description}):\n{lines}"))
+                reason = f"{worker.name} exited before listening ({worker.exit_description})"
+                waiter.set_exception(SessionError(f"{reason}:\n{lines}" if lines else reason))
 
     # Starting and stopping.
 
