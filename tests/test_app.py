@@ -433,3 +433,26 @@ def test_quick_client_table_toggles(workdir, presses):
     shown, code = asyncio.run(scenario())
     assert code == 0
     assert ("client" in shown) == (presses % 2 == 1)
+
+
+def test_takeover_key_during_takeover_explains(workdir):
+    """u pressed while a takeover runs does nothing but say why."""
+
+    async def scenario():
+        app = live_app(workdir)
+        notices: list[str] = []
+        async with app.run_test(size=(120, 40)) as pilot:
+            session = app.session
+            await wait_until(lambda: app.model.counters.by_forwarder >= 1, pilot)
+            notify = app.notify
+            app.notify = lambda message, **kwargs: (notices.append(message), notify(message, **kwargs))
+            press_together(app, "u", "u")
+            await wait_until(lambda: session.server_name == "server-2" and session.upgrading is None, pilot)
+            names = sorted(name for name in session.supervisor.workers if name.startswith("server"))
+            shown = list(notices)
+            await pilot.press("q")
+        return names, shown
+
+    names, shown = asyncio.run(scenario())
+    assert names == ["server", "server-2"]
+    assert sum("server-2 is still taking over" in notice for notice in shown) == 1

@@ -11,6 +11,7 @@ import logging
 from typing import Iterable
 
 from rich.text import Text
+from textual import events
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Container
@@ -276,6 +277,11 @@ class TakeoverApp(App):
                 continue
             name, key = PALETTE_NAMES.get(binding.action, (binding.description, binding.key_display or binding.key))
             yield SystemCommand(name, f"key {key}", lambda action=binding.action: self.run_action(action))
+
+    def on_key(self, event: events.Key) -> None:
+        # u, x and r are not offered while a takeover runs; say why instead of doing nothing.
+        if event.key in ("u", "x", "r") and self.session.live and self.session.upgrading is not None:
+            self.notify(f"{self.session.upgrading} is still taking over; press {event.key} again once it is ready or has failed")
 
     # Actions.
 
