@@ -278,7 +278,7 @@ def test_quick_kill_then_start_ends_up(workdir):
 
 
 def test_two_upgrade_keys_start_one_generation(workdir):
-    """A second upgrade asked for before the first is ready is refused; one new generation runs."""
+    """A second upgrade requested before the first is ready is rejected, and one new generation runs."""
 
     async def scenario():
         app = live_app(workdir)
@@ -290,18 +290,18 @@ def test_two_upgrade_keys_start_one_generation(workdir):
             try:
                 await session.upgrade_server()
             except SessionError as exc:
-                refused = str(exc)
+                rejection = str(exc)
             await wait_until(lambda: session.server_name == "server-2" and session.upgrading is None, pilot)
             answered = app.model.counters.by_forwarder
             await wait_until(lambda: app.model.counters.by_forwarder >= answered + 3, pilot)
             names = sorted(name for name in session.supervisor.workers if name.startswith("server"))
             state = app.model.processes["server-2"].state
             await pilot.press("q")
-        return key_offered, refused, names, state
+        return key_offered, rejection, names, state
 
-    key_offered, refused, names, state = asyncio.run(scenario())
+    key_offered, rejection, names, state = asyncio.run(scenario())
     assert key_offered is False
-    assert "server-2 is still taking over" in refused
+    assert "server-2 is still taking over" in rejection
     assert names == ["server", "server-2"]
     assert state == "running"
 
@@ -327,7 +327,7 @@ def test_quick_pause_presses_end_paused(workdir):
 
 
 def test_server_started_again_after_kill(workdir):
-    """After the server is killed, the status says so, n is offered and starts a server that answers."""
+    """After the server is killed, the status shows it down, and n starts a server that answers requests."""
 
     async def scenario():
         app = live_app(workdir)
@@ -408,9 +408,9 @@ def test_rate_presses_give_one_notice(workdir):
             await wait_until(lambda: notices, pilot)
             await pilot.pause(0.5)
             rate = app.session.client_rate
-            shown = list(notices)
+            notices_shown = list(notices)
             await pilot.press("q")
-        return shown, rate
+        return notices_shown, rate
 
     notices, rate = asyncio.run(scenario())
     assert notices == [f"client rate {rate:g}/s"]
@@ -426,17 +426,17 @@ def test_quick_client_table_toggles(workdir, presses):
             await wait_until(lambda: app.model.counters.by_forwarder >= 1, pilot)
             press_together(app, *["d"] * presses)
             await pilot.pause(0.5)
-            shown = [view.worker_name for view in app.query(FdTableView)]
+            tables_shown = [view.worker_name for view in app.query(FdTableView)]
             await pilot.press("q")
-        return shown, app.return_code
+        return tables_shown, app.return_code
 
-    shown, code = asyncio.run(scenario())
+    tables_shown, code = asyncio.run(scenario())
     assert code == 0
-    assert ("client" in shown) == (presses % 2 == 1)
+    assert ("client" in tables_shown) == (presses % 2 == 1)
 
 
 def test_takeover_key_during_takeover_explains(workdir):
-    """u pressed while a takeover runs does nothing but say why."""
+    """u pressed while a takeover runs does nothing but explain why."""
 
     async def scenario():
         app = live_app(workdir)
@@ -449,10 +449,10 @@ def test_takeover_key_during_takeover_explains(workdir):
             press_together(app, "u", "u")
             await wait_until(lambda: session.server_name == "server-2" and session.upgrading is None, pilot)
             names = sorted(name for name in session.supervisor.workers if name.startswith("server"))
-            shown = list(notices)
+            notices_shown = list(notices)
             await pilot.press("q")
-        return names, shown
+        return names, notices_shown
 
-    names, shown = asyncio.run(scenario())
+    names, notices_shown = asyncio.run(scenario())
     assert names == ["server", "server-2"]
-    assert sum("server-2 is still taking over" in notice for notice in shown) == 1
+    assert sum("server-2 is still taking over" in notice for notice in notices_shown) == 1

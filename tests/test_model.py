@@ -183,7 +183,7 @@ def test_restarted_worker_counts_afresh():
 
 
 def test_restarted_client_counts_afresh():
-    """A new client process counts the answers it received from zero; the session totals go on."""
+    """A new client process counts its answered requests from zero, while the session totals go on."""
     stopped = worker_observation("client", "client", 300, 1, "exited", "exited: exit code 0", t=3.0)
     restarted = worker_observation("client", "client", 301, 1, "started", "started", t=4.0)
     answer = event_observation("client", {"role": "client", "pid": 301, "gen": 1, "kind": "answered", "mono": 5.0, "seq": 1, "by": "server"})

@@ -101,7 +101,7 @@ def test_fd_tables_keep_role_order():
 
 
 def test_stopped_process_shown_stopped():
-    """A running worker whose last sample says stopped shows as stopped by SIGSTOP."""
+    """A running worker whose last sample reports it stopped shows as stopped by SIGSTOP."""
     sample = Sample(mono=2.0, processes={200: ProcessSample(pid=200, label="forwarder", status="stopped")})
     model = fold([worker("forwarder", 200, "started", 1.0), worker("forwarder", 200, "running", 1.1), sample_observation(sample.to_dict())])
 

@@ -68,7 +68,7 @@ class TakeoverApp(App):
         Binding("n", "start_server", "Start server"),
         Binding("f", "start_forwarder", "Start forwarder"),
         Binding("k", "kill_forwarder", "Kill forwarder"),
-        # The footer shows the keys of a demo; t, x, d and p are in the help (?) and README.
+        # The footer shows the keys of a demo. t, x, d and p are in the help (?) and README.
         Binding("t", "stop_forwarder", "Stop forwarder", show=False),
         Binding("c", "pause_client", "Pause client"),
         Binding("c", "resume_client", "Resume client"),
@@ -117,7 +117,7 @@ class TakeoverApp(App):
             yield FdTablesPane(id="fdtables", classes="pane")
             yield ConnectionsPane(id="connections", classes="pane")
             yield EventLogPane(id="events", classes="pane")
-        # Ctrl+P still opens the command palette; its footer item would crowd out keys.
+        # Ctrl+P still opens the command palette. Its footer item would crowd out keys.
         yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
@@ -174,7 +174,7 @@ class TakeoverApp(App):
             # The app is starting or closing.
             return
         self._update_status()
-        # The keys on offer depend on which workers run; a worker may die at any time.
+        # The keys on offer depend on which workers run, and a worker may die at any time.
         workers = self._worker_states()
         if workers != self._workers_seen:
             self._workers_seen = workers
@@ -245,19 +245,19 @@ class TakeoverApp(App):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in LIVE_ACTIONS and not self.session.live:
             return False
-        # The forwarder keys follow what was last asked for, not only the process, so a key
+        # The forwarder keys follow what was last requested, not only the process, so a key
         # pressed right after another still applies (k then f before the kill is reaped).
         if action == "start_forwarder":
-            return not self.session.forwarder_wanted or not self._forwarder_running()
+            return not self.session.forwarder_requested or not self._forwarder_running()
         if action in ("kill_forwarder", "stop_forwarder"):
-            return self.session.forwarder_wanted and (self._forwarder_running() or self.session.forwarder_changing)
+            return self.session.forwarder_requested and (self._forwarder_running() or self.session.forwarder_changing)
         if action in ("upgrade_server", "failed_upgrade"):
             return self.session.upgrading is None and self.session.server_running()
         if action == "start_server":
             session = self.session
             return session.upgrading is None and session.server_address is not None and not session.server_running() and not session.server_changing
         if action == "restart_forwarder":
-            return self.session.upgrading is None and self.session.forwarder_wanted and self._forwarder_running()
+            return self.session.upgrading is None and self.session.forwarder_requested and self._forwarder_running()
         # c resumes a paused client, and starts one that died, as well as pausing a running one.
         if action == "pause_client":
             return not self.session.client_paused and not self._client_lost()
@@ -279,7 +279,7 @@ class TakeoverApp(App):
             yield SystemCommand(name, f"key {key}", lambda action=binding.action: self.run_action(action))
 
     def on_key(self, event: events.Key) -> None:
-        # u, x and r are not offered while a takeover runs; say why instead of doing nothing.
+        # u, x and r are not offered while a takeover runs, so explain why nothing happens.
         if event.key in ("u", "x", "r") and self.session.live and self.session.upgrading is not None:
             self.notify(f"{self.session.upgrading} is still taking over; press {event.key} again once it is ready or has failed")
 

@@ -325,7 +325,7 @@ class SessionModel:
             self._finish(conn, t, conn.outcome)
 
     def _on_answered(self, view: ProcessView, event: dict, t: float) -> None:
-        view.answered += 1  # the answers this client process received
+        view.answered += 1  # the requests this client process got a reply to
         if event.get("by") == "server":
             self.counters.by_server += 1
             self._bucket(t)[0] += 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 class OptionError(Exception):
     """A check before start-up failed: an option names a path that cannot be used, or there
-    is no terminal for the console. The message says why and what to do."""
+    is no terminal for the console. The message gives the reason and the next step."""
 
 
 def check_output_file(path: Path, option: str) -> None:

@@ -86,13 +86,13 @@ class LiveSession:
         self.upgrading: str | None = None
         # Client restarts run one at a time, so quick key presses never start two clients.
         self._client_lock = asyncio.Lock()
-        # Whether the user wants the forwarder up. Keys change it at once. The starts and
+        # Whether the user requested the forwarder up. Keys change it at once. The starts and
         # stops they cause run one at a time, each doing what the latest key wants: a
         # quick "k f" ends with a forwarder, and "f k" without one.
-        self.forwarder_wanted = True
+        self.forwarder_requested = True
         self._forwarder_lock = asyncio.Lock()
-        # Requests made and not yet carried out; counted from the moment they are made,
-        # before their coroutine first runs.
+        # Requests made and not yet carried out. Each counts from the moment it is made,
+        # before its coroutine first runs.
         self._forwarder_requests = 0
         self._client_requests = 0
         self._server_requests = 0
@@ -258,21 +258,21 @@ class LiveSession:
 
         A forwarder that is still being started is stopped as soon as it has started.
         """
-        self.forwarder_wanted = False
+        self.forwarder_requested = False
         return self.supervisor.kill(self.forwarder_name)
 
     def stop_forwarder(self) -> Coroutine[None, None, None]:
-        """Ask for the forwarder to be down; await the result to SIGTERM it and wait while it drains and exits."""
-        self.forwarder_wanted = False
+        """Request the forwarder down; await the result to send SIGTERM and wait while it drains and exits."""
+        self.forwarder_requested = False
         self._forwarder_requests += 1
         return self._settle_forwarder()
 
     def start_forwarder(self) -> Coroutine[None, None, None]:
-        """Ask for the forwarder to be up; await the result to start it (no-op while it runs).
+        """Request the forwarder up; await the result to start it (no-op while it runs).
 
         A forwarder that is still exiting after a kill or stop is waited for first.
         """
-        self.forwarder_wanted = True
+        self.forwarder_requested = True
         self._forwarder_requests += 1
         return self._settle_forwarder()
 
@@ -287,7 +287,7 @@ class LiveSession:
         return self._client_requests > 0
 
     async def _settle_forwarder(self) -> None:
-        """Bring the forwarder to the state last asked for."""
+        """Bring the forwarder to the state last requested."""
         try:
             await self._settle_forwarder_now()
         finally:
@@ -297,7 +297,7 @@ class LiveSession:
         async with self._forwarder_lock:
             name = self.forwarder_name
             worker = self.supervisor.workers[name]
-            if not self.forwarder_wanted:
+            if not self.forwarder_requested:
                 if self._running(name):
                     await self.supervisor.stop(name)
                 return
@@ -310,10 +310,10 @@ class LiveSession:
             try:
                 await self._start_and_wait(name)
             except SessionError:
-                if self.forwarder_wanted:
+                if self.forwarder_requested:
                     raise
-            if not self.forwarder_wanted:
-                await self.supervisor.stop(name)  # asked down while it was starting
+            if not self.forwarder_requested:
+                await self.supervisor.stop(name)  # requested down while it was starting
 
     async def wait_channel_up(self, timeout: float = START_TIMEOUT) -> bool:
         """Wait until the server has a handoff channel to a forwarder."""
@@ -337,7 +337,7 @@ class LiveSession:
         return self._settle_client()
 
     async def _settle_client(self) -> None:
-        """Stop or start the client as the last pause or resume asked, one change at a time."""
+        """Stop or start the client as the last pause or resume requested, one change at a time."""
         try:
             async with self._client_lock:
                 if self.client_paused:
@@ -372,7 +372,7 @@ class LiveSession:
         return CLIENT in self.supervisor.workers and self._running(CLIENT)
 
     def start_server(self) -> Coroutine[None, None, None]:
-        """Ask for a server now; await the result to start the current generation again when none runs.
+        """Request a server; await the result to start the current generation again when none runs.
 
         The new process binds the address itself. This is the way back after the server
         was killed or crashed: the client's requests fail until a server listens again.
@@ -404,7 +404,7 @@ class LiveSession:
         restart is under way, the result raises SessionError instead.
         """
         if self.upgrading is not None:
-            return self._refuse(f"{self.upgrading} is still taking over; wait until it is ready or has failed")
+            return self._reject(f"{self.upgrading} is still taking over; wait until it is ready or has failed")
         generation = self._next_generation(SERVER)
         name = f"{SERVER}-{generation}"
         args = self._server_args(["--takeover", "--listen", self.server_address or self.config.listen])
@@ -421,7 +421,7 @@ class LiveSession:
         restart is under way, the result raises SessionError instead.
         """
         if self.upgrading is not None:
-            return self._refuse(f"{self.upgrading} is still taking over; wait until it is ready or has failed")
+            return self._reject(f"{self.upgrading} is still taking over; wait until it is ready or has failed")
         generation = self._next_generation(FORWARDER)
         name = f"{FORWARDER}-{generation}"
         self.supervisor.add(name, FORWARDER, ["--takeover", "--handoff", str(self.handoff)], generation=generation)
@@ -429,10 +429,10 @@ class LiveSession:
         return self._start_successor(name)
 
     def _next_generation(self, role: str) -> int:
-        """One more than any generation of ``role`` so far, so a failed one keeps its name."""
+        """Return one more than any generation of ``role`` so far, so a failed generation keeps its name."""
         return max(worker.generation for worker in self.supervisor.workers.values() if worker.role == role) + 1
 
-    async def _refuse(self, reason: str) -> None:
+    async def _reject(self, reason: str) -> None:
         raise SessionError(reason)
 
     async def _start_successor(self, name: str) -> None:

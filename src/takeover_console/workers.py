@@ -40,7 +40,7 @@ READ_CHUNK = 1 << 16
 # The scanner parses one JSON value at an index of a str. It is what json.loads() runs
 # after guessing the encoding of bytes and searching for whitespace, which cost about
 # half the time of a 200-byte event line. NaN and Infinity are not JSON, though json
-# accepts them by default; a line with one is rejected.
+# accepts them by default, so a line with one is rejected.
 
 
 def _reject_constant(name: str) -> None:
