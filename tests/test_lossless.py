@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 import signal
+import socket
 import time
 
 import pytest
 from support import port_of, run_client
+from takeover_console import ipc
+from takeover_console.events import EventLog
+from takeover_console.handoff_link import ForwarderChannel, NativeLink, PendingOffer
+from takeover_console.server import Connection, ServerConfig
 from test_takeover import Load
 
 
@@ -99,3 +106,96 @@ def test_taken_rule_still_available(programs, workdir):
     summary = run_client(port_of(server), count=10, concurrency=4)
     assert summary["answered_by_forwarder"] == 10
     assert summary["failed"] == 0
+
+
+class FakeForwarder:
+    """The forwarder's end of one handoff channel, played by the test: it keeps the fds it is offered."""
+
+    def __init__(self, path):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.listener.settimeout(10)
+        self.sock: socket.socket | None = None
+        self._decoder = ipc.FrameDecoder()
+        self._frames: list[ipc.Frame] = []
+
+    def accept(self) -> dict:
+        """Accept the server's channel, reply to its HELLO and return that HELLO's payload."""
+        self.sock, _ = self.listener.accept()
+        self.sock.settimeout(10)
+        hello = self.next_frame()
+        assert hello.type == ipc.HELLO, hello.name
+        self.sock.sendall(ipc.encode_frame(ipc.HELLO, {"version": ipc.PROTOCOL_VERSION, "role": "forwarder", "pid": os.getpid(), "gen": 1}))
+        return hello.payload
+
+    def next_frame(self) -> ipc.Frame:
+        while not self._frames:
+            message = ipc.receive_message(self.sock)
+            assert message.data, "the server closed the channel"
+            self._frames.extend(self._decoder.feed(message))
+        return self._frames.pop(0)
+
+    def send(self, frame_type: int, payload: dict) -> None:
+        self.sock.sendall(ipc.encode_frame(frame_type, payload))
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.listener.close()
+        self._decoder.close()
+
+
+def test_stop_leaves_taken_connection(programs, workdir):
+    """A server that stops before DONE closes its copy: the forwarder's reply is the only one."""
+    forwarder = FakeForwarder(workdir / "h.sock")
+    try:
+        server = start_server(programs, workdir, "--drain-timeout", "0.3")
+        forwarder.accept()
+        server.wait_event("channel_up")
+        with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as client:
+            client.sendall(b"seq num 1")
+            offer = forwarder.next_frame()
+            assert offer.type == ipc.OFFER, offer.name
+            assert len(offer.fds) == 1
+            taken_fd = offer.fds[0]
+            forwarder.send(ipc.TAKEN, {"id": offer.payload["id"], "fd": taken_fd})
+            server.wait_event("taken")
+            # No DONE yet: the server keeps its copy, then stops with the connection still taken.
+            assert server.stop() == 0
+            with socket.socket(fileno=taken_fd) as taken:
+                taken.sendall(ipc.REPLY_BY_FORWARDER)
+                taken.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := client.recv(1024):
+                    reply += chunk
+    finally:
+        forwarder.close()
+    assert reply == ipc.REPLY_BY_FORWARDER
+    assert server.count("fallback") == 0
+    assert server.count("released") == 1
+
+
+def test_drain_waits_for_done():
+    """TAKEN moves an offer from pending to held; the drain must keep waiting for its DONE."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        link = NativeLink(ServerConfig(), EventLog(None, "server"), lambda conn, reason: None)
+        ours, theirs = socket.socketpair()
+        conn = Connection(id="1:1", sock=ours, fd=ours.fileno(), inode=None, peer="", local="", accepted_ns=0)
+        via = ForwarderChannel(channel=None, peer_pid=0, hello=loop.create_future(), closed=loop.create_future())
+        link.pending[conn.id] = PendingOffer(conn, 0, 0, loop.call_later(60, lambda: None), via)
+        link._idle.clear()
+        drain = asyncio.create_task(link.wait_idle(10))
+        await asyncio.sleep(0)
+        link._on_taken(via, {"id": conn.id, "fd": 3})
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not drain.done(), "the drain ended while the forwarder had not sent DONE"
+        link._on_done(via, {"id": conn.id})
+        await asyncio.wait_for(drain, 5)
+        assert ours.fileno() == -1  # DONE released the server's copy
+        theirs.close()
+
+    asyncio.run(scenario())

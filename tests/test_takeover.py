@@ -69,7 +69,7 @@ def test_twenty_upgrades_no_failures(programs, workdir):
         generations.append(new)
     summary = load.finish()
     last = generations[-1]
-    assert summary["failed"] == 0, summary
+    assert summary["failed"] == 0, summary["errors"]
     assert summary["sent"] == 6000
     assert last.wait_event("listening")["inode"] == inode
     assert last.events[-1]["gen"] == 21
@@ -88,7 +88,7 @@ def test_crash_before_ready_rolls_back(programs, workdir):
     aborted = server.wait_event("takeover", lambda e: e["phase"] == "aborted" and e["peer_pid"] == hung.pid)
     assert hung.proc.wait(timeout=15) == 1
     summary = load.finish()
-    assert summary["failed"] == 0, summary
+    assert summary["failed"] == 0, summary["errors"]
     assert "no READY within 2 s" in aborted["reason"]
     assert server.count("takeover", lambda e: e["phase"] == "aborted") == 11
     assert server.proc.poll() is None
@@ -127,7 +127,7 @@ def test_ten_forwarder_takeovers(programs, workdir):
         assert os.path.exists(handoff)
         forwarders.append(new)
     summary = load.finish()
-    assert summary["failed"] == 0, summary
+    assert summary["failed"] == 0, summary["errors"]
     assert summary["answered_by_server"] == 0
     assert server.count("fallback") == 0
     assert forwarders[-1].wait_event("listening")["inode"] == inode

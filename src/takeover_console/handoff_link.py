@@ -108,6 +108,8 @@ class NativeLink:
         self.held: dict[str, HeldConnection] = {}
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._stopping = False
+        # Set by close(): from then on a channel closes because this server leaves, not because the forwarder did.
+        self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._migrating = False
@@ -389,7 +391,10 @@ class NativeLink:
         for conn_id in [conn_id for conn_id, offer in self.pending.items() if offer.via is via]:
             offer = self._resolve(conn_id, "server")
             self._fallback(offer.conn, f"channel down before a reply: {reason}")
-        self._recover_held(via)
+        if self._closing:
+            self._leave_held(via)
+        else:
+            self._recover_held(via)
         if via.hello.done():
             self.events.emit(ev.CHANNEL_DOWN, reason=reason, peer_pid=via.peer_pid)
             level = logging.INFO if self._stopping or via is not self.current else logging.WARNING
@@ -401,6 +406,22 @@ class NativeLink:
             self.current = None
         if not via.closed.done():
             via.closed.set_result(reason)
+
+    def _leave_held(self, via: ForwarderChannel) -> None:
+        """Close our copy of each connection the forwarder took and still serves, as this server leaves.
+
+        This side closed the channel, so the forwarder is still running and replies on
+        these connections itself, so the server neither serves them (a second reply)
+        nor shuts them down.
+        """
+        left = [conn_id for conn_id, held in self.held.items() if held.via is via]
+        for conn_id in left:
+            conn = self.held.pop(conn_id).conn
+            conn.sock.close()
+            self.events.emit(ev.RELEASED, conn=conn.id, fd=conn.fd)
+        if left:
+            log.info("closed our copy of %d connections that forwarder pid %d took and still serves", len(left), via.peer_pid)
+        self._check_idle()
 
     def _recover_held(self, via: ForwarderChannel) -> None:
         """Serve, or close our copy of, each connection a vanished forwarder took but did not finish."""
@@ -415,17 +436,27 @@ class NativeLink:
         self._check_idle()
 
     async def wait_idle(self, timeout: float) -> None:
-        """Stop offering and wait up to ``timeout`` seconds for answers to pending offers."""
+        """Stop offering, then wait up to ``timeout`` seconds until no offer is pending and every DONE arrived."""
         self._stopping = True
         try:
             async with asyncio.timeout(timeout):
-                await self._idle.wait()
+                # Check again after each wake-up, because a TAKEN sets _idle when its offer
+                # leaves ``pending`` and clears it when the connection joins ``held``.
+                # The set() alone already wakes this waiter.
+                while self.pending or self.held:
+                    self._idle.clear()
+                    await self._idle.wait()
         except TimeoutError:
             pass
 
     def close(self, reason: str) -> None:
-        """Say BYE and close the channel."""
+        """Send BYE and close the channel; connections the forwarder took stay with it."""
         self._stopping = True
+        if self.current is not None:
+            # Read what already arrived first: a late DONE, or the EOF of a forwarder that
+            # died, whose connections this server must still serve.
+            self.current.channel.poll()
+        self._closing = True
         if self.current is not None and not self.current.channel.closed:
             self.current.channel.send(ipc.BYE, {"reason": reason})
             self.current.channel.close(reason)
