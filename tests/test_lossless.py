@@ -13,8 +13,10 @@ import pytest
 from support import port_of, run_client
 from takeover_console import ipc
 from takeover_console.events import EventLog
+from takeover_console.forwarder import Forwarder, ForwarderConfig
 from takeover_console.handoff_link import ForwarderChannel, NativeLink, PendingOffer
 from takeover_console.server import Connection, ServerConfig
+from takeover_console.socketfile import bind_unix_listener
 from test_takeover import Load
 
 
@@ -129,10 +131,13 @@ class FakeForwarder:
         self.sock.sendall(ipc.encode_frame(ipc.HELLO, {"version": ipc.PROTOCOL_VERSION, "role": "forwarder", "pid": os.getpid(), "gen": 1}))
         return hello.payload
 
-    def next_frame(self) -> ipc.Frame:
+    def next_frame(self, allow_close: bool = False) -> ipc.Frame | None:
+        """Return the server's next frame, or None when it closed the channel and ``allow_close``."""
         while not self._frames:
             message = ipc.receive_message(self.sock)
-            assert message.data, "the server closed the channel"
+            if not message.data:
+                assert allow_close, "the server closed the channel"
+                return None
             self._frames.extend(self._decoder.feed(message))
         return self._frames.pop(0)
 
@@ -199,3 +204,101 @@ def test_drain_waits_for_done():
         theirs.close()
 
     asyncio.run(scenario())
+
+
+def test_stop_waits_for_offer_deadline(programs, workdir):
+    """With no drain time, a stopping server still keeps the channel until its offer's deadline."""
+    forwarder = FakeForwarder(workdir / "h.sock")
+    try:
+        server = start_server(programs, workdir, "--drain-timeout", "0", "--reply-timeout", "500")
+        forwarder.accept()
+        server.wait_event("channel_up")
+        with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as client:
+            client.sendall(b"seq num 1")
+            offer = forwarder.next_frame()
+            ipc.close_all(offer.fds)
+            server.signal(signal.SIGTERM)
+            # The forwarder neither takes nor rejects the offer, so the server serves it at the deadline.
+            reply = b""
+            while chunk := client.recv(1024):
+                reply += chunk
+            while forwarder.next_frame(allow_close=True) is not None:
+                pass
+            closed_ns = time.monotonic_ns()
+    finally:
+        forwarder.close()
+    assert server.proc.wait(timeout=10) == 0
+    assert closed_ns >= offer.payload["deadline_ns"]
+    assert reply == ipc.REPLY_BY_SERVER
+    assert server.count("fallback") == 1
+
+
+@pytest.mark.parametrize(("server_replied", "expected"), [(True, ipc.REPLY_BY_SERVER), (False, ipc.REPLY_BY_FORWARDER)])
+def test_parked_connection_without_verdict(server_replied, expected):
+    """A forwarder whose server left before its VERDICT serves only what the server did not serve."""
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        forwarder = Forwarder(ForwarderConfig(), EventLog(None, "forwarder"))
+        client, accepted, parked = parked_connection()
+        if server_replied:
+            serve_as_server(accepted)
+        accepted.close()
+        forwarder.park_for_verdict("7:1", parked, from_pid=7)
+        forwarder.settle_all_verdicts(7)
+        assert forwarder.serving_count == (0 if server_replied else 1)
+        return await read_reply(client)
+
+    assert asyncio.run(scenario()) == expected
+
+
+def test_stopping_forwarder_waits_for_verdict(workdir):
+    """A forwarder that stops keeps a parked connection until the live server's VERDICT."""
+
+    async def scenario() -> bytes:
+        forwarder = Forwarder(ForwarderConfig(), EventLog(None, "forwarder"))
+        forwarder.bound = bind_unix_listener(workdir / "h.sock")
+        client, accepted, parked = parked_connection()
+        forwarder.park_for_verdict("7:1", parked, from_pid=7)
+        stopping = asyncio.create_task(forwarder._shutdown())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not stopping.done()
+        # The server timed the offer out and serves it, then replies to the QUERY.
+        serve_as_server(accepted)
+        accepted.close()
+        forwarder.settle_verdict("7:1", "server")
+        await asyncio.wait_for(stopping, 5)
+        return await read_reply(client)
+
+    assert asyncio.run(scenario()) == ipc.REPLY_BY_SERVER
+
+
+def parked_connection() -> tuple[socket.socket, socket.socket, socket.socket]:
+    """Return a client that sent its request, the server's accepted end, and a copy for the forwarder."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        accepted, _ = listener.accept()
+    client.setblocking(False)
+    client.sendall(b"seq num 1")
+    parked = socket.socket(fileno=os.dup(accepted.fileno()))
+    parked.setblocking(False)
+    return client, accepted, parked
+
+
+def serve_as_server(sock: socket.socket) -> None:
+    """Reply as the server's fallback does: write the reply, end it, consume the request."""
+    sock.sendall(ipc.REPLY_BY_SERVER)
+    sock.shutdown(socket.SHUT_WR)
+    sock.recv(1024)
+
+
+async def read_reply(client: socket.socket) -> bytes:
+    """Read what the client receives until EOF, then close it."""
+    loop = asyncio.get_running_loop()
+    reply = b""
+    async with asyncio.timeout(5):
+        while chunk := await loop.sock_recv(client, 1024):
+            reply += chunk
+    client.close()
+    return reply

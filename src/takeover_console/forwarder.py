@@ -26,7 +26,7 @@ from takeover_console.events import EventLog
 from takeover_console.handoff_link import uid_allowed
 from takeover_console.lifecycle import install_stop_signals
 from takeover_console.logs import RepeatLimiter, repeats_note
-from takeover_console.serving import ServeResult, serve_connection, serve_now
+from takeover_console.serving import ServeResult, reply_written, serve_connection, serve_now
 from takeover_console.socketfile import BoundSocket, bind_unix_listener
 from takeover_console.takeover import DonorSession, Inheritance, TakeoverError, inherit, refuse_busy, report_drained
 
@@ -78,6 +78,9 @@ class Forwarder:
         self._channels: set[Channel] = set()
         self._peers: set[_PeerDetector] = set()
         self._awaiting_verdict: dict[str, tuple] = {}
+        # Set while no connection waits for a VERDICT.
+        self._no_verdicts = asyncio.Event()
+        self._no_verdicts.set()
         self._errors = RepeatLimiter()
         self._donor: DonorSession | None = None
         self._handed_over = False
@@ -321,12 +324,15 @@ class Forwarder:
     def park_for_verdict(self, conn_id: str, sock: socket.socket, from_pid: int, owner: bool = True, finished: Finished | None = None) -> None:
         """Hold a connection whose TAKEN may have been late until the server's VERDICT."""
         self._awaiting_verdict[conn_id] = (sock, from_pid, owner, finished)
+        self._no_verdicts.clear()
 
     def settle_verdict(self, conn_id: str, owner: str | None) -> None:
         """Serve or drop a parked connection: owner "server" means the server serves it."""
         parked = self._awaiting_verdict.pop(conn_id, None)
         if parked is None:
             return
+        if not self._awaiting_verdict:
+            self._no_verdicts.set()
         sock, _, sole_owner, finished = parked
         if owner == "server":
             fd = sock.fileno()
@@ -338,10 +344,20 @@ class Forwarder:
             self.serve(sock, conn_id, owner=sole_owner, finished=finished)
 
     def settle_all_verdicts(self, from_pid: int) -> None:
-        """The server of these offers is gone, so nobody else can serve them: serve them here."""
+        """Settle the parked connections of a server whose channel closed without a VERDICT."""
         for conn_id, (_, pid, _, _) in list(self._awaiting_verdict.items()):
             if pid == from_pid:
-                self.settle_verdict(conn_id, "forwarder")
+                self.settle_without_verdict(conn_id)
+
+    def settle_without_verdict(self, conn_id: str) -> None:
+        """Serve a parked connection here unless the server already wrote its reply.
+
+        A server closes its channel after its own serving has ended, or dies, so any reply
+        it wrote is in the socket's counters by then (see reply_written).
+        """
+        parked = self._awaiting_verdict.get(conn_id)
+        if parked is not None:
+            self.settle_verdict(conn_id, "server" if reply_written(parked[0]) else "forwarder")
 
     def _report_error(self, message: str) -> None:
         suppressed = self._errors.check(message)
@@ -370,11 +386,20 @@ class Forwarder:
         for channel in self._server_channels():
             # Offers already waiting are rejected now (this process is stopping), so the server serves them.
             channel.poll()
+        deadline = self._loop.time() + self.config.drain_timeout
+        try:
+            # The channels are still open, so the VERDICT of each parked connection can arrive.
+            async with asyncio.timeout(self.config.drain_timeout):
+                while self._awaiting_verdict:
+                    self._no_verdicts.clear()
+                    await self._no_verdicts.wait()
+        except TimeoutError:
+            pass
         for conn_id in list(self._awaiting_verdict):
-            self.settle_verdict(conn_id, "forwarder")
+            self.settle_without_verdict(conn_id)
         # The channels stay open while connections drain, so each DONE reaches its server.
         if self._serving:
-            await asyncio.wait(set(self._serving), timeout=self.config.drain_timeout)
+            await asyncio.wait(set(self._serving), timeout=max(0.0, deadline - self._loop.time()))
         cut = [task for task in self._serving if not task.done()]
         for task in cut:
             task.cancel()

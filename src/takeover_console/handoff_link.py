@@ -436,7 +436,11 @@ class NativeLink:
         self._check_idle()
 
     async def wait_idle(self, timeout: float) -> None:
-        """Stop offering, then wait up to ``timeout`` seconds until no offer is pending and every DONE arrived."""
+        """Stop offering, then wait up to ``timeout`` seconds until no offer is pending and every DONE arrived.
+
+        An offer still pending at ``timeout`` extends the wait to its deadline, at most
+        the reply timeout.
+        """
         self._stopping = True
         try:
             async with asyncio.timeout(timeout):
@@ -448,6 +452,11 @@ class NativeLink:
                     await self._idle.wait()
         except TimeoutError:
             pass
+        if self.pending:
+            # Each offer is settled by its deadline, so wait for that even past ``timeout``.
+            # Closing the channel sooner could let the forwarder serve an offer the server serves too.
+            latest_ns = max(offer.deadline_ns for offer in self.pending.values())
+            await asyncio.sleep(max(0.0, (latest_ns - time.monotonic_ns()) / 1e9))
 
     def close(self, reason: str) -> None:
         """Send BYE and close the channel; connections the forwarder took stay with it."""
