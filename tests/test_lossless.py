@@ -302,3 +302,21 @@ async def read_reply(client: socket.socket) -> bytes:
             reply += chunk
     client.close()
     return reply
+
+
+def test_forwarder_cut_leaves_request_to_server(programs, workdir):
+    """A connection the stopping forwarder cuts off at its drain deadline is served by the server."""
+    server = start_server(programs, workdir)
+    forwarder = start_forwarder(programs, workdir, "forwarder", "--drain-timeout", "0.2")
+    server.wait_event("channel_up")
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as client:
+        # The request comes only after the forwarder's drain deadline.
+        forwarder.wait_event("taken")
+        assert forwarder.stop() == 0
+        client.sendall(b"seq num 1")
+        reply = b""
+        while chunk := client.recv(1024):
+            reply += chunk
+    assert reply == ipc.REPLY_BY_SERVER
+    assert forwarder.count("closed", lambda e: e["outcome"] == "cut off at the drain deadline") == 1
+    assert server.count("fallback") == 1

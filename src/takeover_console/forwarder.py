@@ -42,6 +42,9 @@ MAX_OFFER_ID = 256
 # Runs once when the forwarder is finished with a connection, with how it ended.
 Finished = Callable[[ServeResult], None]
 
+# The outcome of a connection cut off at the drain deadline, which gets no DONE.
+CUT_OFF = "cut off at the drain deadline"
+
 
 def _crash(point: str) -> None:
     log.error("injected fault: crashing after %s", point)
@@ -302,8 +305,8 @@ class Forwarder:
             result = await serve_connection(sock, ipc.REPLY_BY_FORWARDER, self.config.read_timeout, owner=owner, checkpoint=self._checkpoint)
         except asyncio.CancelledError:
             # Cut off at the drain deadline: the copy is closed unanswered, and the server,
-            # which kept its own copy, answers the request once this channel closes.
-            self._report_served(conn_id, fd, taken_ns, ServeResult("cut off at the drain deadline"), finished)
+            # which kept its own copy, serves the request once this channel closes.
+            self._report_served(conn_id, fd, taken_ns, ServeResult(CUT_OFF), finished)
             raise
         self._report_served(conn_id, fd, taken_ns, result, finished)
 
@@ -619,7 +622,9 @@ class _NativeSession:
         """Return the callback that ends a connection on this channel, with DONE when ``send``."""
 
         def finished(result: ServeResult) -> None:
-            if send:
+            # A connection cut off is not done: without its DONE the server keeps its copy,
+            # and serves it when this channel closes.
+            if send and result.outcome != CUT_OFF:
                 if self.forwarder.config.inject_fault == "crash-before-done":
                     _crash("reply, before DONE")
                 if self.channel is not None and not self.channel.closed:
