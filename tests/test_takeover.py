@@ -111,6 +111,7 @@ def test_slow_drain_cut_at_deadline(programs, workdir):
     assert server.wait_event("exited")["mono"] - stopping["mono"] < 2.0
     assert new.wait_event("takeover", lambda e: e["phase"] == "drained")["cut"] == drained["cut"]
     assert summary["failed"] == drained["cut"]
+    assert server.count("closed", lambda e: e["outcome"] == "cut off at the drain deadline") == drained["cut"]
 
 
 def test_ten_forwarder_takeovers(programs, workdir):

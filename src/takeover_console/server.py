@@ -349,7 +349,12 @@ class Server:
         task.add_done_callback(self._serving.discard)
 
     async def _serve(self, conn: Connection) -> None:
-        result = await serve_connection(conn.sock, REPLY_BY_SERVER, self.config.read_timeout, hold=self._stall)
+        try:
+            result = await serve_connection(conn.sock, REPLY_BY_SERVER, self.config.read_timeout, hold=self._stall)
+        except asyncio.CancelledError:
+            # Cut off at the drain deadline: serve_connection() closed the socket unanswered.
+            self._report_served(conn, ServeResult("cut off at the drain deadline"))
+            raise
         self._report_served(conn, result)
 
     async def _stall(self) -> None:
