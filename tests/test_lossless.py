@@ -16,6 +16,7 @@ from takeover_console.events import EventLog
 from takeover_console.forwarder import Forwarder, ForwarderConfig
 from takeover_console.handoff_link import ForwarderChannel, NativeLink, PendingOffer
 from takeover_console.server import Connection, ServerConfig
+from takeover_console.serving import serve_connection
 from takeover_console.socketfile import bind_unix_listener
 from test_takeover import Load
 
@@ -238,7 +239,6 @@ def test_parked_connection_without_verdict(server_replied, expected):
     """A forwarder whose server left before its VERDICT serves only what the server did not serve."""
 
     async def scenario() -> bytes:
-        loop = asyncio.get_running_loop()
         forwarder = Forwarder(ForwarderConfig(), EventLog(None, "forwarder"))
         client, accepted, parked = parked_connection()
         if server_replied:
@@ -274,13 +274,14 @@ def test_stopping_forwarder_waits_for_verdict(workdir):
     assert asyncio.run(scenario()) == ipc.REPLY_BY_SERVER
 
 
-def parked_connection() -> tuple[socket.socket, socket.socket, socket.socket]:
-    """Return a client that sent its request, the server's accepted end, and a copy for the forwarder."""
+def parked_connection(send: bool = True) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """Return a client, which sent its request when ``send``, the server's accepted end, and a copy for the forwarder."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname(), timeout=5)
         accepted, _ = listener.accept()
     client.setblocking(False)
-    client.sendall(b"seq num 1")
+    if send:
+        client.sendall(b"seq num 1")
     parked = socket.socket(fileno=os.dup(accepted.fileno()))
     parked.setblocking(False)
     return client, accepted, parked
@@ -320,3 +321,22 @@ def test_forwarder_cut_leaves_request_to_server(programs, workdir):
     assert reply == ipc.REPLY_BY_SERVER
     assert forwarder.count("closed", lambda e: e["outcome"] == "cut off at the drain deadline") == 1
     assert server.count("fallback") == 1
+
+
+def test_request_at_read_timeout_served():
+    """A request that arrives while the process is stalled past its read timeout is still served."""
+
+    async def scenario() -> bytes:
+        client, accepted, copy = parked_connection(send=False)
+        copy.close()
+        accepted.setblocking(False)
+        serving = asyncio.create_task(serve_connection(accepted, ipc.REPLY_BY_FORWARDER, read_timeout=0.05))
+        await asyncio.sleep(0)
+        client.sendall(b"seq num 1")
+        # Like SIGSTOP: the timeout and the request are both due when the loop runs again.
+        time.sleep(0.2)
+        result = await serving
+        assert result.outcome == "served"
+        return await read_reply(client)
+
+    assert asyncio.run(scenario()) == ipc.REPLY_BY_FORWARDER

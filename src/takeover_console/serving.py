@@ -163,7 +163,7 @@ async def serve_connection(
     request and replying. The socket is always closed, and shut down by an owner.
     """
     loop = asyncio.get_running_loop()
-    done = False
+    result: ServeResult | None = None
     try:
         async with asyncio.timeout(read_timeout):
             while True:
@@ -179,20 +179,35 @@ async def serve_connection(
                     continue
                 break
     except TimeoutError:
-        result = ServeResult(f"no request within {read_timeout:g} s")
+        # A process stopped or busy past the timeout can find the timeout and the request
+        # due at once, and the timeout runs first. So read the socket once more.
+        request, result = _peek_late(sock, read_timeout)
     except OSError as exc:
-        result = ServeResult(f"read failed: {exc.strerror or exc}")
-    else:
-        if not request:
-            result = ServeResult("client closed before sending a request")
-        else:
-            if checkpoint is not None:
-                checkpoint("read")
-            if hold is not None:
-                await hold()
-            done = True
-            return _reply(sock, reply, request, owner, checkpoint)
-    finally:
-        if not done and sock.fileno() >= 0:
+        request, result = b"", ServeResult(f"read failed: {exc.strerror or exc}")
+    except BaseException:
+        _close(sock, owner)
+        raise
+    if result is None and not request:
+        result = ServeResult("client closed before sending a request")
+    if result is not None:
+        _close(sock, owner)
+        return result
+    if checkpoint is not None:
+        checkpoint("read")
+    if hold is not None:
+        try:
+            await hold()
+        except BaseException:
             _close(sock, owner)
-    return result
+            raise
+    return _reply(sock, reply, request, owner, checkpoint)
+
+
+def _peek_late(sock: socket.socket, read_timeout: float) -> tuple[bytes, ServeResult | None]:
+    """Peek at a request that arrived as the read timeout ran out: return it, or a result when there is none."""
+    try:
+        return sock.recv(REQUEST_MAX, socket.MSG_PEEK), None
+    except (BlockingIOError, InterruptedError):
+        return b"", ServeResult(f"no request within {read_timeout:g} s")
+    except OSError as exc:
+        return b"", ServeResult(f"read failed: {exc.strerror or exc}")
