@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 from support import port_of, run_client
+from takeover_console import ipc
 
 
 class Load:
@@ -134,6 +136,31 @@ def test_ten_forwarder_takeovers(programs, workdir):
     assert forwarders[-1].wait_event("listening")["inode"] == inode
     assert forwarders[-1].stop() == 0
     assert not os.path.exists(handoff)
+
+
+def test_forwarder_takeover_cut_goes_to_server(programs, workdir):
+    """The old forwarder drains for one drain timeout, and the server serves what it cut off."""
+    handoff = str(workdir / "h.sock")
+    first = programs("forwarder", "--handoff", handoff, "--drain-timeout", "1")
+    first.wait_event("listening")
+    server = programs("server", "--listen", "127.0.0.1:0", "--handoff", handoff)
+    server.wait_event("channel_up")
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as client:
+        # No request until the old forwarder has drained, so it must cut this connection off.
+        first.wait_event("taken")
+        programs("forwarder", "--takeover", "--handoff", handoff, name="forwarder2")
+        draining = first.wait_event("takeover", lambda e: e["phase"] == "draining")
+        drained = first.wait_event("takeover", lambda e: e["phase"] == "drained")
+        assert first.proc.wait(timeout=15) == 0
+        client.sendall(b"seq num 1")
+        reply = b""
+        while chunk := client.recv(1024):
+            reply += chunk
+    assert reply == ipc.REPLY_BY_SERVER
+    assert drained["cut"] == 1
+    assert drained["served"] == 0
+    # One drain timeout of 1 s with room for a loaded machine; two would take 2 s or more.
+    assert drained["mono"] - draining["mono"] < 1.7
 
 
 def test_control_refuses_foreign_uid(programs, workdir):

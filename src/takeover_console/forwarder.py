@@ -192,7 +192,8 @@ class Forwarder:
                     await self._session_closed.wait()
             except TimeoutError:
                 break
-        await self._shutdown()
+        # One drain timeout in all: the shutdown below gets what is left of it.
+        await self._shutdown(deadline)
         cut = self._cut_last_drain
         session.finish(served=self.served_total - served_before, cut=cut)
         self._stop.set()
@@ -311,8 +312,8 @@ class Forwarder:
         self._report_served(conn_id, fd, taken_ns, result, finished)
 
     def _report_served(self, conn_id: str, fd: int, taken_ns: int, result: ServeResult, finished: Finished | None = None) -> None:
-        self.served_total += 1
         if result.served:
+            self.served_total += 1
             latency_ms = (time.monotonic_ns() - taken_ns) / 1e6
             self.events.emit(ev.SERVED, conn=conn_id, fd=fd, bytes_in=result.bytes_in, latency_ms=round(latency_ms, 3))
         self.events.emit(ev.CLOSED, conn=conn_id, fd=fd, outcome=result.outcome)
@@ -373,7 +374,8 @@ class Forwarder:
         self._peers.discard(item)
         self._channels.discard(item)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, deadline: float | None = None) -> None:
+        """Stop taking offers and drain until ``deadline`` (loop time), by default --drain-timeout from now."""
         if self._shut_down:
             return
         self._shut_down = True
@@ -389,10 +391,11 @@ class Forwarder:
         for channel in self._server_channels():
             # Offers already waiting are rejected now (this process is stopping), so the server serves them.
             channel.poll()
-        deadline = self._loop.time() + self.config.drain_timeout
+        if deadline is None:
+            deadline = self._loop.time() + self.config.drain_timeout
         try:
             # The channels are still open, so the VERDICT of each parked connection can arrive.
-            async with asyncio.timeout(self.config.drain_timeout):
+            async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
                 while self._awaiting_verdict:
                     self._no_verdicts.clear()
                     await self._no_verdicts.wait()
@@ -631,7 +634,7 @@ class _NativeSession:
                     self.channel.send(ipc.DONE, {"id": conn_id, "outcome": result.outcome})
             self.in_flight.discard(conn_id)
             if self.closing and not self.in_flight and self.channel is not None:
-                self.channel.close("server said BYE and every connection is done")
+                self.channel.close("server said BYE and no connection is left on the channel")
 
         return finished
 
