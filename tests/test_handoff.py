@@ -146,6 +146,37 @@ def test_server_stop_exits_zero(programs, workdir):
     assert server.wait_event("exited")["code"] == 0
 
 
+def test_stopping_server_refuses_new_clients(programs, workdir):
+    """A server stopping with no successor serves what the kernel queued and refuses later clients."""
+    server = programs("server", "--listen", "127.0.0.1:0", "--handoff", str(workdir / "h.sock"), "--drain-timeout", "5")
+    address = ("127.0.0.1", port_of(server))
+    # The first client keeps the drain going; the second completes its handshake in the
+    # kernel's queue while the server is stopped.
+    with socket.create_connection(address, timeout=10) as first:
+        server.wait_event("accepted")
+        server.signal(signal.SIGSTOP)
+        queued = socket.create_connection(address, timeout=10)
+        server.signal(signal.SIGTERM)
+        server.signal(signal.SIGCONT)
+        server.wait_event("stopping")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=10)
+        with queued:
+            queued.sendall(b"seq num 2")
+            assert read_until_eof(queued) == ipc.REPLY_BY_SERVER
+        first.sendall(b"seq num 1")
+        assert read_until_eof(first) == ipc.REPLY_BY_SERVER
+    assert server.proc.wait(timeout=10) == 0
+
+
+def read_until_eof(sock: socket.socket) -> bytes:
+    """Return everything ``sock`` receives until the peer ends the stream."""
+    data = b""
+    while chunk := sock.recv(1024):
+        data += chunk
+    return data
+
+
 def test_seed_peer_to_forwarder(programs, workdir):
     """A peer speaking the reference framing (dial, 'forward' + one fd, close) is served."""
     handoff = workdir / "h.sock"

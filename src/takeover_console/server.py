@@ -325,6 +325,20 @@ class Server:
         else:
             self.fallback(conn, reason)
 
+    def _accept_queued(self, listener: socket.socket) -> None:
+        # Bounded by the backlog, plus a little for clients that connect meanwhile.
+        for _ in range(self.config.backlog + ACCEPTS_PER_WAKEUP):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                log.error("accept() failed while stopping: %s; closing the listener resets the connections still queued", exc.strerror)
+                return
+            self._handle_accepted(sock, address, self.addresses[listener.fileno()])
+
     def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
         suppressed = self._accept_errors.check(str(exc.errno))
         if suppressed is not None:
@@ -369,14 +383,20 @@ class Server:
         self.events.emit(ev.CLOSED, conn=conn.id, fd=conn.fd, outcome=result.outcome)
 
     async def _shutdown(self) -> None:
+        self._stalled = self.config.inject_fault == "slow-drain"
+        for listener in self.listeners:
+            self._loop.remove_reader(listener.fileno())
+        if not self._handed_over:
+            # No successor accepts on these sockets. Take what the kernel already queued, then
+            # close them, so later clients are refused at once instead of reset at exit.
+            for listener in self.listeners:
+                self._accept_queued(listener)
+                listener.close()
         in_flight = len(self._serving) + self.link.pending_count
         self.events.emit(ev.STOPPING, in_flight=in_flight, handed_over=self._handed_over)
         if self._handed_over:
             self.events.emit(ev.TAKEOVER, side="old", phase="draining", peer_pid=self._donor.peer_pid, in_flight=in_flight)
         log.info("stopping: no new connections; draining %d in flight", in_flight)
-        self._stalled = self.config.inject_fault == "slow-drain"
-        for listener in self.listeners:
-            self._loop.remove_reader(listener.fileno())
         self._loop.remove_reader(self.control.sock.fileno())
         deadline = self._loop.time() + self.config.drain_timeout
         if self._handed_over and self.config.release_delay > 0:
