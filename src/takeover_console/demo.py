@@ -9,7 +9,7 @@ from pathlib import Path
 
 from takeover_console.lifecycle import on_stop_signals
 from takeover_console.options import check_output_file
-from takeover_console.session import FORWARDER, LiveSession, SessionConfig
+from takeover_console.session import LiveSession, SessionConfig
 
 
 async def run_script(session: LiveSession, duration: float, say) -> None:
