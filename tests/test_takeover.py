@@ -163,6 +163,26 @@ def test_forwarder_takeover_cut_goes_to_server(programs, workdir):
     assert drained["mono"] - draining["mono"] < 1.7
 
 
+def test_upgrade_leaves_taken_connection(programs, workdir):
+    """A connection still with the forwarder at the old server's drain deadline counts as left, not served."""
+    first, forwarder, handoff, control = start_stack(programs, workdir, "--drain-timeout", "0.3")
+    port = port_of(first)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        # The forwarder takes the connection and waits for a request that comes only after the drain.
+        forwarder.wait_event("taken")
+        upgrade(programs, port, handoff, control, "server-g2")
+        drained = first.wait_event("takeover", lambda e: e["phase"] == "drained")
+        assert first.proc.wait(timeout=15) == 0
+        client.sendall(b"seq num 1")
+        reply = b""
+        while chunk := client.recv(1024):
+            reply += chunk
+    assert reply == ipc.REPLY_BY_FORWARDER
+    assert drained["left"] == 1
+    assert drained["served"] == 0
+    assert drained["cut"] == 0
+
+
 def test_control_refuses_foreign_uid(programs, workdir):
     server, _, handoff, control = start_stack(programs, workdir, "--allow-uid", "4242", forwarder=False)
     port = port_of(server)

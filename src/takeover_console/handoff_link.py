@@ -110,6 +110,8 @@ class NativeLink:
         self._stopping = False
         # Set by close(): from then on a channel closes because this server leaves, not because the forwarder did.
         self._closing = False
+        # Connections the forwarder took and still served when this server closed its channel.
+        self.left_count = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._migrating = False
@@ -411,10 +413,11 @@ class NativeLink:
         """Close our copy of each connection the forwarder took and still serves, as this server leaves.
 
         This side closed the channel, so the forwarder is still running and replies on
-        these connections itself, so the server neither serves them (a second reply)
-        nor shuts them down.
+        these connections itself. The server neither serves them (a second reply) nor
+        shuts them down.
         """
         left = [conn_id for conn_id, held in self.held.items() if held.via is via]
+        self.left_count += len(left)
         for conn_id in left:
             conn = self.held.pop(conn_id).conn
             conn.sock.close()
@@ -483,6 +486,8 @@ class SeedLink:
         self.events = events
         self._errors = RepeatLimiter(interval=10.0)
         self.pending_count = 0
+        # Nothing is held after the send, so nothing is left to the forwarder at close.
+        self.left_count = 0
 
     async def run(self) -> None:
         """Nothing to keep up: every handoff dials anew."""

@@ -74,7 +74,10 @@ def _describe_takeover(event: dict) -> str | None:
     if phase == "draining":
         return f"old {role} pid {pid} draining {event.get('in_flight', 0)} in flight"
     if phase == "drained" and old_side:
-        return f"old {role} pid {pid} drained: {event.get('served', 0)} finished, {event.get('cut', 0)} cut off"
+        text = f"old {role} pid {pid} drained: {event.get('served', 0)} finished, {event.get('cut', 0)} cut off"
+        if event.get("left"):
+            text += f", {event.get('left')} left to the forwarder"
+        return text
     if phase == "aborted":
         return f"takeover aborted, {role} pid {pid} keeps the listeners: {event.get('reason')}"
     if phase == "refused":

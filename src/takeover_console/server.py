@@ -417,7 +417,8 @@ class Server:
             # close(), never shutdown(): after a takeover the new generation accepts on this socket.
             listener.close()
         if self._handed_over:
-            self._donor.finish(served=in_flight - len(cut), cut=len(cut))
+            left = self.link.left_count
+            self._donor.finish(served=in_flight - len(cut) - left, cut=len(cut), left=left)
         elif not self._abandoned:
             self.control.remove_file()
         self.control.sock.close()

@@ -130,10 +130,13 @@ class DonorSession:
         self.channel.close(f"takeover aborted: {reason}")
         self._end()
 
-    def finish(self, served: int, cut: int) -> None:
-        """Report the drain to the new process and close the channel."""
-        self.events.emit(ev.TAKEOVER, side="old", phase="drained", peer_pid=self.peer_pid, served=served, cut=cut)
-        self.channel.send(ipc.DRAINED, {"served": served, "cut": cut})
+    def finish(self, served: int, cut: int, left: int = 0) -> None:
+        """Report the drain to the new process and close the channel.
+
+        ``left`` counts the connections a server left to its forwarder, which still serves them.
+        """
+        self.events.emit(ev.TAKEOVER, side="old", phase="drained", peer_pid=self.peer_pid, served=served, cut=cut, left=left)
+        self.channel.send(ipc.DRAINED, {"served": served, "cut": cut, "left": left})
         self.channel.close("drained")
         self._end()
 
@@ -282,7 +285,7 @@ async def report_drained(inheritance: Inheritance, events: EventLog, on_aborted:
     if "closed" in outcome:
         log.warning("old %s pid %d closed the takeover channel without DRAINED: %s", events.role, inheritance.old_pid, outcome["closed"])
         return
-    events.emit(ev.TAKEOVER, side="new", phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"))
+    events.emit(ev.TAKEOVER, side="new", phase="drained", peer_pid=inheritance.old_pid, served=outcome.get("served"), cut=outcome.get("cut"), left=outcome.get("left", 0))
     log.info("old %s pid %d drained: %s served, %s cut off", events.role, inheritance.old_pid, outcome.get("served"), outcome.get("cut"))
 
 
