@@ -225,3 +225,10 @@ def test_odd_names_not_folded():
     assert model.processes["forwarder"].state == "starting"
     assert model.processes["forwarder"].role == "forwarder"
     assert model.processes["client"].pid == 300
+
+
+def test_listening_labels_control_socket():
+    listening = server_event("listening", 1.5, addr="127.0.0.1:8080", fd=5, inode=7001, control="/run/c.sock", control_inode=7002)
+    model = fold([*started_workers(), listening])
+    assert model.inode_labels[7001] == "listener"
+    assert model.inode_labels[7002] == "control socket"

@@ -120,7 +120,7 @@ class SessionModel:
         self.logged = 0  # log entries ever appended, including those the deque dropped
         self._names_by_pid: dict[int, str] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
-        # Socket inodes with a part to play: "listener", "handoff socket", "handoff channel".
+        # Socket inodes with a part to play: "listener", "control socket", "handoff socket", "handoff channel".
         self.inode_labels: dict[int, str] = {}
         self.slow_motion = False
         # Observations that could not be folded, and why the last one could not.
@@ -244,6 +244,8 @@ class SessionModel:
             view.state = "running"
         if event.get("inode") is not None:
             self.inode_labels[event["inode"]] = "listener" if view.role == "server" else "handoff socket"
+        if event.get("control_inode") is not None:
+            self.inode_labels[event["control_inode"]] = "control socket"
 
     def _on_channel_up(self, view: ProcessView, event: dict, t: float) -> None:
         if event.get("inode") is not None:

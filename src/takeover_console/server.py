@@ -154,6 +154,7 @@ class Server:
                 protocol=self.config.protocol,
                 handoff=str(self.config.handoff_path),
                 control=str(self.config.control_path),
+                control_inode=socket_inode(self.control.sock.fileno()),
             )
         log.info(
             "listening on %s, handing off to %s (%s protocol), control socket %s",
