@@ -106,6 +106,14 @@ class Program:
         self._log.close()
 
 
+def read_until_eof(sock) -> bytes:
+    """Return everything ``sock`` receives until the peer ends the stream."""
+    data = b""
+    while chunk := sock.recv(1024):
+        data += chunk
+    return data
+
+
 def port_of(server: Program) -> int:
     """The TCP port a server listens on, from its ``listening`` event."""
     address = server.wait_event("listening")["addr"]

@@ -10,7 +10,7 @@ import sys
 import threading
 
 import pytest
-from support import port_of, run_client
+from support import port_of, read_until_eof, run_client
 
 from takeover_console import ipc
 
@@ -167,14 +167,6 @@ def test_stopping_server_refuses_new_clients(programs, workdir):
         first.sendall(b"seq num 1")
         assert read_until_eof(first) == ipc.REPLY_BY_SERVER
     assert server.proc.wait(timeout=10) == 0
-
-
-def read_until_eof(sock: socket.socket) -> bytes:
-    """Return everything ``sock`` receives until the peer ends the stream."""
-    data = b""
-    while chunk := sock.recv(1024):
-        data += chunk
-    return data
 
 
 def test_seed_peer_to_forwarder(programs, workdir):

@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from support import port_of, run_client
+from support import port_of, read_until_eof, run_client
 from takeover_console import ipc
 from takeover_console.events import EventLog
 from takeover_console.forwarder import Forwarder, ForwarderConfig
@@ -172,9 +172,7 @@ def test_stop_leaves_taken_connection(programs, workdir):
             with socket.socket(fileno=taken_fd) as taken:
                 taken.sendall(ipc.REPLY_BY_FORWARDER)
                 taken.shutdown(socket.SHUT_WR)
-                reply = b""
-                while chunk := client.recv(1024):
-                    reply += chunk
+                reply = read_until_eof(client)
     finally:
         forwarder.close()
     assert reply == ipc.REPLY_BY_FORWARDER
@@ -222,9 +220,7 @@ def test_stop_waits_for_offer_deadline(programs, workdir):
             ipc.close_all(offer.fds)
             server.signal(signal.SIGTERM)
             # The forwarder neither takes nor rejects the offer, so the server serves it at the deadline.
-            reply = b""
-            while chunk := client.recv(1024):
-                reply += chunk
+            reply = read_until_eof(client)
             while forwarder.next_frame(allow_close=True) is not None:
                 pass
             closed_ns = time.monotonic_ns()
@@ -318,9 +314,7 @@ def test_forwarder_cut_leaves_request_to_server(programs, workdir):
         forwarder.wait_event("taken")
         assert forwarder.stop() == 0
         client.sendall(b"seq num 1")
-        reply = b""
-        while chunk := client.recv(1024):
-            reply += chunk
+        reply = read_until_eof(client)
     assert reply == ipc.REPLY_BY_SERVER
     forwarder.wait_event("exited")
     assert forwarder.count("closed", lambda e: e["outcome"] == "cut off at the drain deadline") == 1

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from support import port_of, run_client
+from support import port_of, read_until_eof, run_client
 from takeover_console import ipc
 
 
@@ -153,9 +153,7 @@ def test_forwarder_takeover_cut_goes_to_server(programs, workdir):
         drained = first.wait_event("takeover", lambda e: e["phase"] == "drained")
         assert first.proc.wait(timeout=15) == 0
         client.sendall(b"seq num 1")
-        reply = b""
-        while chunk := client.recv(1024):
-            reply += chunk
+        reply = read_until_eof(client)
     assert reply == ipc.REPLY_BY_SERVER
     assert drained["cut"] == 1
     assert drained["served"] == 0
@@ -174,9 +172,7 @@ def test_upgrade_leaves_taken_connection(programs, workdir):
         drained = first.wait_event("takeover", lambda e: e["phase"] == "drained")
         assert first.proc.wait(timeout=15) == 0
         client.sendall(b"seq num 1")
-        reply = b""
-        while chunk := client.recv(1024):
-            reply += chunk
+        reply = read_until_eof(client)
     assert reply == ipc.REPLY_BY_FORWARDER
     assert drained["left"] == 1
     assert drained["served"] == 0

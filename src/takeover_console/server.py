@@ -290,8 +290,8 @@ class Server:
         """Begin a graceful stop, as SIGTERM does."""
         self._stop.set()
 
-    def _on_acceptable(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPTS_PER_WAKEUP):
+    def _on_acceptable(self, listener: socket.socket, limit: int = ACCEPTS_PER_WAKEUP) -> None:
+        for _ in range(limit):
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -325,20 +325,6 @@ class Server:
             self.link.report_offered(conn)
         else:
             self.fallback(conn, reason)
-
-    def _accept_queued(self, listener: socket.socket) -> None:
-        # Bounded by the backlog, plus a little for clients that connect meanwhile.
-        for _ in range(self.config.backlog + ACCEPTS_PER_WAKEUP):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                log.error("accept() failed while stopping: %s; closing the listener resets the connections still queued", exc.strerror)
-                return
-            self._handle_accepted(sock, address, self.addresses[listener.fileno()])
 
     def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
         suppressed = self._accept_errors.check(str(exc.errno))
@@ -391,7 +377,8 @@ class Server:
             # No successor accepts on these sockets. Take what the kernel already queued, then
             # close them, so later clients are refused at once instead of reset at exit.
             for listener in self.listeners:
-                self._accept_queued(listener)
+                # The limit is the backlog, plus a little for clients that connect meanwhile.
+                self._on_acceptable(listener, self.config.backlog + ACCEPTS_PER_WAKEUP)
                 listener.close()
         in_flight = len(self._serving) + self.link.pending_count
         self.events.emit(ev.STOPPING, in_flight=in_flight, handed_over=self._handed_over)
