@@ -337,8 +337,9 @@ def test_server_started_again_after_kill(workdir):
             first = session.supervisor.workers["server"].pid
             session.supervisor.kill("server")
             await wait_until(lambda: not session.server_running() and app.check_action("start_server", ()), pilot)
-            await pilot.pause(0.3)
-            status = str(app.screen_stack[0].query_one("#status").render())
+            status_bar = app.screen_stack[0].query_one("#status")
+            await wait_until(lambda: "server down" in str(status_bar.render()), pilot)
+            status = str(status_bar.render())
             upgrade_offered = app.check_action("upgrade_server", ())
             await pilot.press("n")
             await wait_until(lambda: session.server_running() and session.supervisor.workers["server"].pid != first, pilot)

@@ -26,7 +26,7 @@ from takeover_console.events import EventLog
 from takeover_console.handoff_link import uid_allowed
 from takeover_console.lifecycle import install_stop_signals
 from takeover_console.logs import RepeatLimiter, repeats_note
-from takeover_console.serving import ServeResult, reply_written, serve_connection, serve_now
+from takeover_console.serving import CUT_OFF, ServeResult, reply_written, serve_connection, serve_now
 from takeover_console.socketfile import BoundSocket, bind_unix_listener
 from takeover_console.takeover import DonorSession, Inheritance, TakeoverError, inherit, refuse_busy, report_drained
 
@@ -41,9 +41,6 @@ MAX_OFFER_ID = 256
 
 # Runs once when the forwarder is finished with a connection, with how it ended.
 Finished = Callable[[ServeResult], None]
-
-# The outcome of a connection cut off at the drain deadline, which gets no DONE.
-CUT_OFF = "cut off at the drain deadline"
 
 
 def _crash(point: str) -> None:

@@ -27,7 +27,7 @@ from takeover_console.ipc import REPLY_BY_SERVER, format_address, peer_credentia
 from takeover_console.lifecycle import install_stop_signals
 from takeover_console.logs import RepeatLimiter, repeats_note
 from takeover_console.netaddr import open_tcp_listener
-from takeover_console.serving import ServeResult, serve_connection, serve_now
+from takeover_console.serving import CUT_OFF, ServeResult, serve_connection, serve_now
 from takeover_console.socketfile import BoundSocket, SocketFileError, SocketInUse, bind_unix_listener, default_control_path
 from takeover_console.takeover import DonorSession, Inheritance, inherit, refuse_busy, report_drained
 
@@ -354,7 +354,7 @@ class Server:
             result = await serve_connection(conn.sock, REPLY_BY_SERVER, self.config.read_timeout, hold=self._stall)
         except asyncio.CancelledError:
             # Cut off at the drain deadline: serve_connection() closed the socket unanswered.
-            self._report_served(conn, ServeResult("cut off at the drain deadline"))
+            self._report_served(conn, ServeResult(CUT_OFF))
             raise
         self._report_served(conn, result)
 
@@ -377,7 +377,7 @@ class Server:
             # No successor accepts on these sockets. Take what the kernel already queued, then
             # close them, so later clients are refused at once instead of reset at exit.
             for listener in self.listeners:
-                # The limit is the backlog, plus a little for clients that connect meanwhile.
+                # The limit is the backlog, plus one batch for clients that connect meanwhile.
                 self._on_acceptable(listener, self.config.backlog + ACCEPTS_PER_WAKEUP)
                 listener.close()
         in_flight = len(self._serving) + self.link.pending_count

@@ -26,6 +26,10 @@ _TCP_INFO_SIZE = 232
 _BYTES_SENT_OFFSET = 200
 
 
+# The outcome of a connection cut off at the drain deadline; the forwarder sends no DONE for it.
+CUT_OFF = "cut off at the drain deadline"
+
+
 @dataclass
 class ServeResult:
     """The result of serving one connection: ``outcome`` is "served" or the reason it was not."""
